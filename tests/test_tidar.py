@@ -1,0 +1,218 @@
+"""TIDAR.md section 4, the model side: properties 1, 2, 3, 5, 6 (cache rolled back by hand), 11 and 13."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tidar import (
+    GPT,
+    GPTConfig,
+    KVCache,
+    SelfAttention,
+    apply_rope,
+    ar_inputs,
+    causal_mask,
+    decode_step_mask,
+    decode_step_positions,
+    prefill_mask,
+    tidar_inputs,
+    tidar_loss,
+    tidar_training_mask,
+)
+
+
+# --- 1. the masks, against slow loops written from the tables in TIDAR.md, not from tidar.py
+
+
+def slow_training_mask(S, B):
+    M = torch.zeros(2 * S, 2 * S, dtype=torch.bool)
+    for i in range(2 * S):
+        for j in range(2 * S):
+            if i < S and j < S:
+                M[i, j] = j <= i
+            elif i >= S and j < S:
+                M[i, j] = j < ((i - S) // B) * B
+            elif i >= S and j >= S:
+                M[i, j] = (i - S) // B == (j - S) // B
+    return M
+
+
+def slow_decode_step_mask(L, k):
+    T = k + k * k
+    M = torch.zeros(T, L + T, dtype=torch.bool)
+    for q in range(T):
+        M[q, :L] = True
+        if q < k:  # d_q: causal over the d tokens
+            M[q, L : L + q + 1] = True
+        else:  # block b, rows k + (b-1)k .. : sees d_0 .. d_{b-1} and its own block
+            b = (q - k) // k + 1
+            M[q, L : L + b] = True
+            start = L + k + (b - 1) * k
+            M[q, start : start + k] = True
+    return M
+
+
+@pytest.mark.parametrize("S,B", [(8, 4), (12, 3), (16, 16), (10, 4), (6, 1)])
+def test_training_mask_matches_the_table(S, B):
+    M = tidar_training_mask(S, B)
+    assert M.dtype == torch.bool and M.shape == (2 * S, 2 * S)
+    assert torch.equal(M, slow_training_mask(S, B))
+    assert M.any(dim=1).all(), "a query row with no allowed key"
+
+
+@pytest.mark.parametrize("L,k", [(0, 1), (2, 3), (5, 4), (1, 8)])
+def test_decode_step_mask_matches_the_table(L, k):
+    M = decode_step_mask(L, k)
+    assert torch.equal(M, slow_decode_step_mask(L, k))
+    assert M.any(dim=1).all()
+    # the paper's trick: the (k + k*k) square never changes; the cache columns are all True
+    assert torch.equal(M[:, L:], decode_step_mask(0, k)) and M[:, :L].all()
+
+
+def test_prefill_mask_and_positions():
+    P, k = 5, 3
+    M = prefill_mask(P, k)
+    assert torch.equal(M[:P, :P], torch.ones(P, P, dtype=torch.bool).tril()) and not M[:P, P:].any()
+    assert M[P:].all()  # the masks see the whole prompt and each other
+    # block b's slot s sits at L + b + s: slot 0 of block b shares its position with d_b
+    pos = decode_step_positions(10, 3).tolist()
+    assert pos == [10, 11, 12, 11, 12, 13, 12, 13, 14, 13, 14, 15]
+
+
+# --- 2 and 3. no leakage; the clean half is a plain AR model
+
+
+def doubled_logits(model, x):
+    return model(*tidar_inputs(x, model.config.block_len, model.config.mask_id))
+
+
+def test_no_leakage(tiny):
+    S, B = 16, tiny.config.block_len
+    x = torch.randint(0, 10, (1, S))
+    base = doubled_logits(tiny, x)
+    for t in range(S):
+        x2 = x.clone()
+        x2[0, t] = (x2[0, t] + 1) % 10
+        out = doubled_logits(tiny, x2)
+        assert torch.equal(out[:, :t], base[:, :t]), f"AR logits before {t} saw token {t}"
+        assert not torch.allclose(out[:, t], base[:, t])  # the change is visible where it may be
+        for b in range(S // B):
+            rows = slice(S + b * B, S + (b + 1) * B)
+            if t >= b * B:
+                assert torch.equal(out[:, rows], base[:, rows]), f"mask block {b} saw clean token {t}"
+            else:
+                assert not torch.allclose(out[:, rows], base[:, rows])
+
+
+def test_clean_half_is_plain_ar(tiny):
+    x = torch.randint(0, 10, (3, 16))
+    doubled = doubled_logits(tiny, x)
+    plain = tiny(*ar_inputs(x))
+    torch.testing.assert_close(doubled[:, :16], plain, rtol=0, atol=1e-12)
+
+
+# --- 5 and 6. cached = uncached; rollback is exact
+
+
+def fresh_cache(model, tokens, extra=64):
+    """A cache filled by one causal forward over `tokens`, the reference for what a cache must hold."""
+    cache = KVCache(model.config, len(tokens) + extra, dtype=torch.float64)
+    x = torch.tensor([tokens])
+    model(x, torch.arange(len(tokens)), causal_mask(len(tokens)), cache, n_causal=len(tokens))
+    return cache
+
+
+def decode_step(model, cache, d):
+    k, L = len(d), cache.length
+    idx = torch.tensor([d + [model.config.mask_id] * (k * k)])
+    return model(idx, decode_step_positions(L, k), decode_step_mask(L, k), cache, n_causal=k)[0]
+
+
+def test_cached_step_equals_uncached_forward(tiny):
+    prompt, d = [1, 2, 3, 4, 5], [6, 7, 8, 9]
+    cache = fresh_cache(tiny, prompt)
+    logits = decode_step(tiny, cache, d)
+    full = torch.tensor([prompt + d])
+    uncached = tiny(full, torch.arange(9), causal_mask(9))[0]
+    torch.testing.assert_close(logits[: len(d)], uncached[len(prompt) :], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [0, 2, 3])  # accepted drafts: zero, partial, full (k - 1)
+def test_rollback_is_exact(tiny, n):
+    prompt, d, k = [1, 2, 3, 4, 5], [6, 7, 8, 9], 4
+    cache = fresh_cache(tiny, prompt)
+    decode_step(tiny, cache, d)
+    cache.rollback(len(prompt) + n + 1)  # commit d_0 .. d_n
+    committed = prompt + d[: n + 1]
+    ref = fresh_cache(tiny, committed)
+    assert cache.length == ref.length == len(committed)
+    torch.testing.assert_close(cache.k[:, :, :, : cache.length], ref.k[:, :, :, : ref.length], rtol=0, atol=1e-12)
+    torch.testing.assert_close(cache.v[:, :, :, : cache.length], ref.v[:, :, :, : ref.length], rtol=0, atol=1e-12)
+    # and the next step sees nothing of what was rolled back (nor of any [MASK] token)
+    nxt = [3, 1, 4, 1]
+    torch.testing.assert_close(decode_step(tiny, cache, nxt), decode_step(tiny, ref, nxt), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError):
+        cache.rollback(cache.length + 1)
+
+
+# --- 11. the loss
+
+
+def test_loss_on_a_hand_computable_case():
+    # V = 2, S = 1: logits [0, log 3] give p = (1/4, 3/4)
+    logits = torch.tensor([[[0.0, math.log(3)], [math.log(3), 0.0]]])  # (1, 2S, V)
+    x, y = torch.tensor([[1]]), torch.tensor([[0]])
+    loss, ar, diff = tidar_loss(logits, x, y, alpha=0.5)
+    # AR: clean position 0 predicts y_0 = 0 with p = 1/4; diffusion: the mask predicts x_0 = 1 with p = 1/4
+    assert ar.item() == pytest.approx(math.log(4))
+    assert diff.item() == pytest.approx(math.log(4))
+    _, ar, diff = tidar_loss(logits, torch.tensor([[0]]), torch.tensor([[1]]), alpha=0.5)
+    assert ar.item() == pytest.approx(math.log(4 / 3)) and diff.item() == pytest.approx(math.log(4 / 3))
+    loss, ar, diff = tidar_loss(logits, torch.tensor([[0]]), torch.tensor([[0]]), alpha=0.5)
+    assert loss.item() == pytest.approx((0.5 * math.log(4) + math.log(4 / 3)) / 1.5)
+
+
+def test_gradients_reach_both_halves(tiny):
+    x = torch.randint(0, 10, (2, 17))
+    x, y = x[:, :-1], x[:, 1:]
+    idx, pos, mask = tidar_inputs(x, tiny.config.block_len, tiny.config.mask_id)
+    logits = tiny(idx, pos, mask)
+    logits.retain_grad()
+    loss, ar, diff = tidar_loss(logits, x, y)
+    loss.backward()
+    assert logits.grad[:, :16].abs().sum() > 0 and logits.grad[:, 16:].abs().sum() > 0
+    assert tiny.wte.weight.grad[tiny.config.mask_id].abs().sum() > 0  # the [MASK] embedding learns
+    assert loss.item() == pytest.approx((ar.item() + diff.item()) / 2)
+
+
+# --- 13. the mask is really used
+
+
+def test_attention_honours_the_bool_mask():
+    torch.manual_seed(1)
+    config = GPTConfig(n_embd=16, n_head=2, seq_len=16)
+    attn = SelfAttention(config, 0).double()
+    B, T, C, nh = 2, 7, 16, 2
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    mask = torch.rand(T, T) < 0.5
+    mask[torch.arange(T), torch.randint(0, T, (T,))] = True  # no empty row
+    cos, sin = torch.randn(T, 4, dtype=torch.float64), torch.randn(T, 4, dtype=torch.float64)
+    out = attn(x, cos, sin, mask, None, 0)
+    # the same computation by hand
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(C // nh)
+    att = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    ref = attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert not torch.allclose(out, attn(x, cos, sin, torch.ones(T, T, dtype=torch.bool).tril(), None, 0))
+
+
+def test_forward_refuses_a_missing_or_wrong_mask(tiny):
+    x = torch.randint(0, 10, (1, 6))
+    pos = torch.arange(6)
+    for bad in [None, torch.zeros(6, 6), torch.ones(6, 5, dtype=torch.bool)]:
+        with pytest.raises(ValueError, match="bool mask"):
+            tiny(x, pos, bad)

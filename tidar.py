@@ -1,0 +1,344 @@
+"""
+TiDAR, the model side: "Think in Diffusion, Talk in Autoregression" (J. Liu et al., arXiv 2511.08923).
+
+One GPT, one set of weights, one output head, run in two modes that differ only in the attention
+pattern and in what the input tokens are (TIDAR.md section 1):
+  - AR mode ("talk"): clean tokens, causal attention, the output at position i predicts token i+1.
+  - diffusion mode ("think"): [MASK] tokens, bidirectional inside a block of masks that also sees the
+    clean tokens before the block; the output at a mask at position i predicts the token *at* i.
+
+This file holds everything the two modes share:
+  1. the GPT (config, rotary positions, attention with an explicit boolean mask, blocks)
+  2. the attention patterns, as pure functions of (query index, key index) -> may attend
+  3. the training objective: the doubled sequence and the mixed AR + diffusion loss
+  4. the KV cache, built for rollback
+  5. the tokenizers
+`python tidar.py` draws the training mask and a decode-step mask. The decode loop is in sample.py.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# 1. The GPT
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 257  # tokenizer vocabulary; [MASK] is the extra id vocab_size (byte: 256 + <|endoftext|>)
+    eot_id: int = 256  # <|endoftext|>: decoding stops there
+    seq_len: int = 512  # S, the context: training length of the clean half, and the largest position + 1
+    block_len: int = 16  # B, the mask block length used in training; the default draft length k
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    rope_base: float = 10000.0
+
+    @property
+    def mask_id(self):
+        return self.vocab_size  # an extra embedding row that no tokenizer emits
+
+
+def rope_tables(seq_len, head_dim, base):
+    """cos and sin of the rotary angles, (seq_len, head_dim/2), indexed by position id."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    # Rotary positions (choice, TIDAR.md section 1): attention scores depend only on the distance
+    # between positions, so a mask at offset r of its block sees the same picture whether the block
+    # starts at a multiple of B (training) or anywhere (decoding). Position ids are explicit because
+    # the masks of the doubled sequence repeat the positions of the clean half.
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head, self.layer_idx = config.n_head, layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, n_causal):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, n_causal)  # (B, nh, L + T, hs)
+        # The boolean mask is the whole of TiDAR's "two modes in one forward": True = may attend.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.attn = SelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, n_causal):
+        x = x + self.attn(self.ln_1(x), cos, sin, mask, cache, n_causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # +1: the [MASK] row
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # never predicts [MASK]
+        cos, sin = rope_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, p in self.named_parameters():  # GPT-2 init, residual projections scaled by depth
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, idx, pos, mask, cache=None, n_causal=0):
+        """
+        idx (B, T) token ids, pos (T,) position ids, mask (T, L + T) bool with True = may attend,
+        where L = cache.length (0 without a cache): the keys are [cached tokens, this forward's tokens].
+        With a cache, the first n_causal tokens of idx (prompt or d tokens, which attend causally) are
+        appended to it; the rest ([MASK] tokens) never are. Returns logits (B, T, vocab_size).
+        """
+        T, L = idx.size(1), cache.length if cache is not None else 0
+        if mask is None or mask.dtype != torch.bool or tuple(mask.shape) != (T, L + T):
+            # No silent fallback to causal attention: without its mask this is not TiDAR.
+            raise ValueError(f"attention needs a bool mask of shape {(T, L + T)}, got {mask if mask is None else (mask.dtype, tuple(mask.shape))}")
+        x = self.wte(idx)  # (B, T, C)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, hs/2)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache, n_causal)
+        if cache is not None:
+            cache.length += n_causal
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+
+
+# -----------------------------------------------------------------------------
+# 2. Attention patterns. Each is a pure function of (query index i, key index j) -> may attend, written
+# with comparisons and & | only, so it works on Python ints (the tests' slow loop) and on broadcast
+# index tensors alike. The *_mask functions turn them into (queries, keys) bool tensors.
+
+
+def causal_allowed(i, j, L=0):
+    """Plain AR: query i (after L cached tokens) sees every key up to and including itself."""
+    return j <= L + i
+
+
+def training_allowed(i, j, S, B):
+    """The doubled sequence [x_0 .. x_{S-1}, m .. m] of TIDAR.md section 2, mask block b(i) = (i - S) // B."""
+    clean_i, clean_j = i < S, j < S
+    block_i, block_j = (i - S) // B, (j - S) // B
+    return (
+        (clean_i & clean_j & (j <= i))  # clean -> clean: causal
+        | ((i >= S) & clean_j & (j < block_i * B))  # mask -> clean: strictly before its block
+        | ((i >= S) & (j >= S) & (block_i == block_j))  # mask -> mask: own block, both ways
+    )  # clean -> mask: never
+
+
+def prefill_allowed(i, j, P):
+    """Prompt p_0 .. p_{P-1} (causal), then one block of k masks that sees the whole prompt and itself."""
+    return (j <= i) | (i >= P)
+
+
+def decode_step_allowed(i, j, L, k):
+    """
+    One decode step (TIDAR.md section 3): L cached tokens, then k + k*k queries: d_0 .. d_{k-1}
+    (causal), then blocks 1 .. k of k masks; block b sees the cache, d_0 .. d_{b-1} and itself.
+    """
+    jn = j - L  # key index among this step's tokens (negative: a cached token)
+    block_i, block_j = (i - k) // k + 1, (jn - k) // k + 1  # 0 for the d tokens, b for block b
+    return (
+        (jn < 0)  # everyone sees the whole cache
+        | ((i < k) & (jn >= 0) & (jn <= i))  # d_a sees d_0 .. d_a
+        | ((i >= k) & (jn >= 0) & (jn < block_i))  # block b sees d_0 .. d_{b-1}
+        | ((i >= k) & (jn >= k) & (block_i == block_j))  # and its own block, both ways; no other block
+    )
+
+
+def _mask(allowed, n_query, n_key, device=None, **kw):
+    i = torch.arange(n_query, device=device)[:, None]
+    j = torch.arange(n_key, device=device)[None, :]
+    return allowed(i, j, **kw)  # (n_query, n_key) bool
+
+
+def causal_mask(T, L=0, device=None):
+    return _mask(causal_allowed, T, L + T, device, L=L)
+
+
+def tidar_training_mask(seq_len, block_len, device=None):
+    """
+    (2S, 2S) bool, True = may attend. For S=4, B=2 (x clean, m mask; rows are queries):
+            x0 x1 x2 x3  m0 m1 m2 m3
+        x0   #  .  .  .   .  .  .  .
+        x1   #  #  .  .   .  .  .  .
+        x2   #  #  #  .   .  .  .  .
+        x3   #  #  #  #   .  .  .  .
+        m0   .  .  .  .   #  #  .  .     block 0 sees no clean token
+        m1   .  .  .  .   #  #  .  .
+        m2   #  #  .  .   .  .  #  #     block 1 sees x0 x1, not x2 x3 (its own labels)
+        m3   #  #  .  .   .  .  #  #
+    """
+    return _mask(training_allowed, 2 * seq_len, 2 * seq_len, device, S=seq_len, B=block_len)
+
+
+def prefill_mask(P, k, device=None):
+    return _mask(prefill_allowed, P + k, P + k, device, P=P)
+
+
+def decode_step_mask(L, k, device=None):
+    return _mask(decode_step_allowed, k + k * k, L + k + k * k, device, L=L, k=k)
+
+
+def decode_step_positions(L, k, device=None):
+    """Position ids of one decode step: d_a at L + a; block b's slot s at L + b + s (the slot after d_{b-1})."""
+    d = torch.arange(k, device=device)
+    blocks = torch.arange(1, k + 1, device=device)[:, None] + d[None, :]  # (k, k)
+    return L + torch.cat([d, blocks.flatten()])  # (k + k*k,)
+
+
+# -----------------------------------------------------------------------------
+# 3. Training: one forward over the doubled sequence trains both modes (TIDAR.md section 2)
+
+
+def tidar_inputs(x, block_len, mask_id):
+    """Clean tokens x (B, S) -> the doubled sequence: idx (B, 2S), pos (2S,), mask (2S, 2S)."""
+    S = x.size(1)
+    idx = torch.cat([x, torch.full_like(x, mask_id)], dim=1)  # [x_0 .. x_{S-1}, m .. m]
+    pos = torch.arange(S, device=x.device).repeat(2)  # the masks repeat positions 0 .. S-1
+    return idx, pos, tidar_training_mask(S, block_len, device=x.device)
+
+
+def ar_inputs(x):
+    """The plain AR baseline: the clean half alone, causal."""
+    S = x.size(1)
+    return x, torch.arange(S, device=x.device), causal_mask(S, device=x.device)
+
+
+def tidar_loss(logits, x, y, alpha=1.0):
+    """
+    logits (B, 2S, V) of the doubled forward, x (B, S) clean tokens, y (B, S) = x shifted by one.
+    Clean position i is scored against x_{i+1} (AR), mask position i against x_i itself (diffusion,
+    labels not shifted; every mask is [MASK], no corruption ratio). Returns (loss, ar_loss, diff_loss).
+    """
+    S, V = x.size(1), logits.size(-1)
+    ar = F.cross_entropy(logits[:, :S].reshape(-1, V), y.reshape(-1))
+    diff = F.cross_entropy(logits[:, S:].reshape(-1, V), x.reshape(-1))
+    return (alpha * ar + diff) / (1 + alpha), ar, diff
+
+
+# -----------------------------------------------------------------------------
+# 4. The KV cache
+
+
+class KVCache:
+    """
+    Preallocated K/V buffers for every layer; the first `length` positions are the committed tokens.
+    Only causal tokens are ever written (prompt, d tokens); [MASK] tokens attend to the cache but never
+    enter it. Rolling back a rejected draft is just lowering `length`: its K/V stays in the buffer,
+    unseen, until a later forward overwrites it.
+    """
+
+    def __init__(self, config, max_len, batch_size=1, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len, self.length = max_len, 0
+
+    def update(self, layer, k, v, n_causal):
+        """Write the first n_causal rows of k, v (B, nh, T, hs); return the keys and values to attend to."""
+        L = self.length
+        if L + n_causal > self.max_len:
+            raise ValueError(f"KV cache full: {L} + {n_causal} tokens > max_len {self.max_len}")
+        self.k[layer, :, :, L : L + n_causal] = k[:, :, :n_causal]
+        self.v[layer, :, :, L : L + n_causal] = v[:, :, :n_causal]
+        k = torch.cat([self.k[layer, :, :, : L + n_causal], k[:, :, n_causal:]], dim=2)  # (B, nh, L + T, hs)
+        v = torch.cat([self.v[layer, :, :, : L + n_causal], v[:, :, n_causal:]], dim=2)
+        return k, v
+
+    def rollback(self, length):
+        """Keep the first `length` tokens, drop the rest (rejected drafts)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back a cache of {self.length} tokens to {length}")
+        self.length = length
+
+
+# -----------------------------------------------------------------------------
+# 5. Tokenizers, both as tiktoken Encodings so that every script uses one interface
+
+
+def get_tokenizer(name):
+    import tiktoken
+
+    if name == "byte":
+        # Lossless for any text and needs no download: the 256 byte values, plus <|endoftext|> = 256.
+        ranks = {bytes([b]): b for b in range(256)}
+        return tiktoken.Encoding("byte", pat_str=r"\s+|\S+", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 256})
+    if name == "gpt2":
+        try:  # tiktoken downloads the vocabulary once, or reads it from $TIKTOKEN_CACHE_DIR
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise RuntimeError(
+                f"cannot load the GPT-2 BPE vocabulary ({type(e).__name__}); tiktoken needs the network once, "
+                "or a copy in the folder named by TIKTOKEN_CACHE_DIR; or use the offline tokenizer: --tokenizer=byte"
+            ) from None
+    raise ValueError(f"unknown tokenizer {name!r}: use 'byte' or 'gpt2'")
+
+
+# -----------------------------------------------------------------------------
+# `python tidar.py`: the masks as pictures, in the manner of the paper's Figure 3
+
+
+def draw_mask(mask, rows, cols):
+    """rows, cols: one (group, label) per query / key; a bar separates groups. '#' = may attend."""
+    new_group = lambda labels: [n > 0 and labels[n][0] != labels[n - 1][0] for n in range(len(labels))]
+    col_bar, row_bar = new_group(cols), new_group(rows)
+    cell = lambda text, n: ("| " if col_bar[n] else "") + f"{text:<2}"
+    width = max(len(f"{g} {l}") for g, l in rows) + 2
+    groups = "".join(cell(g if n == 0 or col_bar[n] else "", n) for n, (g, l) in enumerate(cols))
+    lines = [" " * width + groups, " " * width + "".join(cell(l, n) for n, (g, l) in enumerate(cols))]
+    for r, (g, l) in enumerate(rows):
+        if row_bar[r]:
+            lines.append(" " * width + "".join(("+-" if c else "") + "--" for c in col_bar))
+        cells = "".join(cell("#" if mask[r, n] else ".", n) for n in range(len(cols)))
+        lines.append(f"{g} {l}".ljust(width) + cells)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+if __name__ == "__main__":
+    S, B = 8, 4
+    clean = [("x", str(i)) for i in range(S)]
+    masks = [(f"m{i // B}", str(i)) for i in range(S)]  # group = block, label = position id
+    print(f"TiDAR training mask, S={S}, B={B}: x = clean tokens, mb = [MASK] block b; label = position id")
+    print("rows are queries, columns keys; # = may attend\n")
+    print(draw_mask(tidar_training_mask(S, B), clean + masks, clean + masks))
+
+    L, k = 2, 3
+    groups = ["c"] * L + ["d"] * k + [f"b{b}" for b in range(1, k + 1) for s in range(k)]
+    step = [(g, str(p)) for g, p in zip(groups, list(range(L)) + decode_step_positions(L, k).tolist())]
+    print(f"\n\nTiDAR decode-step mask, L={L} cached tokens, draft length k={k}: c = cache, d = d_0 .. d_{k - 1},")
+    print("bb = mask block b, the pre-draft for 'd_0 .. d_{b-1} accepted'; label = position id\n")
+    print(draw_mask(decode_step_mask(L, k), step[L:], step))
