@@ -9,6 +9,8 @@ sys.path.insert(0, ROOT)
 
 from tidar import GPT, GPTConfig  # noqa: E402
 
+torch.set_num_threads(1)  # tiny tensors: threads only add contention (and CI has 2 cores)
+
 
 @pytest.fixture
 def tiny():
