@@ -3,12 +3,13 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import pytest
 import torch
 
 import sample
+from conftest import BYTE_MODEL, write_checkpoint
 import tidar
 from sample import accept_probability, generate_ar, generate_tidar, residual
 from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions, prefill_mask, tidar_inputs
@@ -250,18 +251,8 @@ def test_bad_requests_fail_before_decoding(tiny, kwargs, message):
 # --- the command line
 
 
-def write_checkpoint(out_dir, config, tokenizer="byte"):
-    torch.manual_seed(0)
-    model = GPT(config)
-    os.makedirs(out_dir, exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_config": asdict(config), "tokenizer": tokenizer}, os.path.join(out_dir, "ckpt.pt"))
-
-
-BYTE_MODEL = GPTConfig(vocab_size=257, eot_id=256, seq_len=96, block_len=4, n_layer=1, n_head=2, n_embd=16)
-
-
 def test_cli_end_to_end(tmp_path):
-    write_checkpoint(tmp_path, BYTE_MODEL)
+    write_checkpoint(tmp_path)
     (tmp_path / "prompt.txt").write_text("def fibonacci(n):\n")
     args = [sys.executable, "sample.py", "--out_dir", str(tmp_path), "--prompt", f"FILE:{tmp_path / 'prompt.txt'}"]
     run = subprocess.run(args + ["--max_new_tokens", "20", "--compare", "--show", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
@@ -285,7 +276,7 @@ def test_cli_end_to_end(tmp_path):
     ],
 )
 def test_cli_bad_input(tmp_path, capsys, args, message):
-    write_checkpoint(tmp_path, BYTE_MODEL)
+    write_checkpoint(tmp_path)
     with pytest.raises(SystemExit) as e:
         sample.main(sample.parser.parse_args(["--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "x"] + args))
     assert e.value.code != 0
