@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from sample import generate_ar, generate_tidar, load_checkpoint
+from sample import generate_ar, generate_tidar, load_checkpoint, pick_device
 from tidar import KVCache, ar_inputs, causal_mask, tidar_inputs, tidar_loss
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
@@ -115,8 +115,7 @@ def bench_training(model, batch, repeats, device):
 
 
 def main(args):
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    args.device = pick_device(args.device)
     model, _ = load_checkpoint(args.out_dir, args.device)
     draft_lens = [int(k) for k in args.draft_lens.split(",")]
     val = np.memmap(os.path.join(args.data_dir, "val.bin"), dtype=np.uint16, mode="r")

@@ -45,8 +45,12 @@ def mix(ar_logits, diffusion_logits, beta):
     return ar_logits if beta == 1 else beta * ar_logits + (1 - beta) * diffusion_logits
 
 
+# (choice, TIDAR.md section 3) Verification when sampling is standard speculative sampling, which the paper
+# cites but does not spell out: the output is then distributed exactly as AR sampling from the same model.
+
+
 def accept_probability(p, q, token):
-    """Speculative sampling: a draft drawn from q is kept with probability min(1, p/q)."""
+    """A draft drawn from q is kept with probability min(1, p/q)."""
     return torch.clamp(p[token] / q[token], max=1.0)
 
 
@@ -83,6 +87,8 @@ def verify(target, drafts, q, temperature, top_k, generator):
 def check_request(config, prompt_ids, max_new_tokens, temperature, top_k, k=0, beta=1.0):
     """Bad requests fail before decoding starts, each with a message that says what to change. k = 0: AR."""
     P = len(prompt_ids)
+    if not all(0 <= t < config.vocab_size for t in prompt_ids):  # [MASK] = vocab_size is no prompt token
+        raise ValueError(f"prompt token ids must lie in [0, {config.vocab_size}), got {min(prompt_ids)} .. {max(prompt_ids)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0:
@@ -99,7 +105,8 @@ def check_request(config, prompt_ids, max_new_tokens, temperature, top_k, k=0, b
 
 
 def trim(out, eot_id, max_new_tokens):
-    """Cut at the first <|endoftext|> (kept, so the caller sees why it stopped) and at max_new_tokens."""
+    """Cut at the first <|endoftext|> and at max_new_tokens; True when generation is over. (choice) The
+    <|endoftext|> is kept as the last token, so the caller can tell why it stopped."""
     if eot_id in out:
         out = out[: out.index(eot_id) + 1]
     return out[:max_new_tokens], eot_id in out or len(out) >= max_new_tokens
@@ -107,8 +114,8 @@ def trim(out, eot_id, max_new_tokens):
 
 @torch.no_grad()
 def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, generator=None):
-    """Plain AR decoding with a KV cache, one token per forward: the reference. An empty prompt means
-    "start of a document": it becomes [<|endoftext|>]. Returns the new token ids."""
+    """Plain AR decoding with a KV cache, one token per forward: the reference. Returns the new token ids.
+    (choice) An empty prompt means "start of a document": it becomes [<|endoftext|>], as in GPT-2."""
     config, (device, dtype) = model.config, next((p.device, p.dtype) for p in model.parameters())
     prompt_ids = list(prompt_ids) or [config.eot_id]
     check_request(config, prompt_ids, max_new_tokens, temperature, top_k)
@@ -158,13 +165,13 @@ def generate_tidar(model, prompt_ids, max_new_tokens, draft_len=None, temperatur
     step_mask = torch.ones(T, cache.max_len + T, dtype=torch.bool, device=device)
     step_mask[:, cache.max_len :] = decode_step_mask(0, k, device)
     step_positions = decode_step_positions(0, k, device)  # (T,), relative to L
-    blocks_of_masks = torch.full((k * k,), m, device=device)
+    blocks_of_masks = torch.full((k * k,), m, device=device)  # (k*k,)
 
     while not done:
         L = cache.length
         # 1. Draft and pre-draft in one forward: d_0 .. d_{k-1} at L .. L+k-1 (causal), then blocks 1 .. k;
         #    block b (positions L+b .. L+b+k-1) sees the cache and d_0 .. d_{b-1}: it is the pre-draft for
-        #    "d_1 .. d_{b-1} accepted". The d tokens' K/V are written to the cache (n_causal = k).
+        #    "d_0 .. d_{b-1} accepted". The d tokens' K/V are written to the cache (n_causal = k).
         d = torch.cat([d0.view(1), drafts])  # (k,)
         idx = torch.cat([d, blocks_of_masks]).view(1, T)
         logits = model(idx, L + step_positions, step_mask[:, cache.max_len - L :], cache, n_causal=k)[0]  # (T, V)
@@ -210,8 +217,16 @@ parser.add_argument("--show", action="store_true", help="draw each step: accepte
 
 
 def fail(message):
-    print(f"sample.py: error: {message}", file=sys.stderr)
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def pick_device(name):
+    """'auto' takes cuda, then mps, then cpu; a named device must exist on this machine."""
+    available = [d for d, ok in [("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()), ("cpu", True)] if ok]
+    if name != "auto" and name not in available:
+        fail(f"--device={name} is not available here: use auto or one of {', '.join(available)}")
+    return available[0] if name == "auto" else name
 
 
 def load_checkpoint(out_dir, device):
@@ -246,8 +261,7 @@ def show_step(enc, d, n, y, colour):
 
 
 def main(args):
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    args.device = pick_device(args.device)
     text = args.prompt
     if text.startswith("FILE:"):
         try:

@@ -64,7 +64,7 @@ def test_decode_blocks_equal_fresh_prefills(tiny):
     tiny(torch.tensor([prompt]), torch.arange(5), causal_mask(5), cache, n_causal=5)
     idx = torch.tensor([d + [m] * k * k])
     step = tiny(idx, decode_step_positions(5, k), decode_step_mask(5, k), cache, n_causal=k)[0]
-    for b in range(1, k + 1):  # block b: the pre-draft for "d_1 .. d_{b-1} accepted"
+    for b in range(1, k + 1):  # block b: the pre-draft for "d_0 .. d_{b-1} accepted"
         seen = prompt + d[:b]
         fresh = tiny(torch.tensor([seen + [m] * k]), torch.arange(len(seen) + k), prefill_mask(len(seen), k))[0]
         torch.testing.assert_close(step[k * b : k * (b + 1)], fresh[len(seen) :], rtol=0, atol=1e-12)
@@ -74,6 +74,8 @@ def test_decode_blocks_equal_fresh_prefills(tiny):
 
 
 def test_every_step_is_one_exact_cached_forward(tiny, monkeypatch):
+    """After every rollback the cache holds exactly the K/V of a fresh causal forward over the committed
+    tokens. (No [MASK] K/V can be left behind after a full acceptance: masks are never written, n_causal = k.)"""
     prompt, k = random_prompt(0), 4
     truth = prompt + generate_ar(tiny, prompt, 30)
     model = Drafts(tiny, truth, "noisy")  # a mix of zero, partial and full acceptances
@@ -122,6 +124,16 @@ def test_greedy_tidar_equals_greedy_ar(tiny, k, mode):
             assert all(c == k for c in stats["committed"][:-1])
         if mode == "garbage":
             assert all(c == 1 for c in stats["committed"])
+
+
+@pytest.mark.parametrize("mode", ["oracle", "garbage"])
+def test_beta_zero_trusts_the_diffusion_slot(tiny, mode):
+    # beta = 0: every target is slot 0 of a mask block, so the output is whatever the masks say
+    prompt = random_prompt(5)
+    truth = prompt + generate_ar(tiny, prompt, 20)
+    out, _ = generate_tidar(Drafts(tiny, truth, mode), prompt, 20, draft_len=4, beta=0.0)
+    shift = 1 if mode == "garbage" else 0
+    assert out == [(t + shift) % tiny.config.vocab_size for t in truth[len(prompt) :]]
 
 
 def test_empty_prompt_means_start_of_document(tiny):
@@ -240,12 +252,19 @@ def test_max_new_tokens_is_exact(tiny, n):
         (dict(beta=1.5), r"beta must lie in \[0, 1\]"),
         (dict(max_new_tokens=40), "exceeds the model's context of 48"),
         (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+        (dict(prompt_ids=[1, 11]), r"prompt token ids must lie in \[0, 11\)"),  # 11 is [MASK]
     ],
 )
 def test_bad_requests_fail_before_decoding(tiny, kwargs, message):
-    kwargs = {"max_new_tokens": 10, **kwargs}
+    kwargs = {"prompt_ids": [1, 2, 3], "max_new_tokens": 10, **kwargs}
     with pytest.raises(ValueError, match=message):
-        generate_tidar(tiny, [1, 2, 3], **kwargs)
+        generate_tidar(tiny, **kwargs)
+
+
+def test_ar_checks_its_context_too(tiny):
+    generate_ar(tiny, [1, 2, 3], 45)  # AR needs no room for drafts
+    with pytest.raises(ValueError, match="exceeds the model's context of 48"):
+        generate_ar(tiny, [1, 2, 3], 46)
 
 
 # --- the command line
@@ -273,6 +292,7 @@ def test_cli_end_to_end(tmp_path):
         (["--max_new_tokens", "90"], "exceeds the model's context of 96"),
         (["--prompt", "FILE:/nonexistent/prompt.txt"], "cannot read prompt file"),
         (["--num_samples", "0"], "--num_samples must be at least 1"),
+        (["--device", "tpu"], "--device=tpu is not available here"),
     ],
 )
 def test_cli_bad_input(tmp_path, capsys, args, message):

@@ -123,6 +123,13 @@ def trained(tmp_path_factory):
     return tmp / "data", tmp / "out", r.stdout
 
 
+def test_sample_reads_what_train_wrote(trained):
+    _, out_dir, _ = trained
+    r = run("sample.py", f"--out_dir={out_dir}", "--prompt=def ", "--max_new_tokens=16", "--compare", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert "--- TiDAR: 16 new tokens" in r.stdout and "outputs identical: True" in r.stdout
+
+
 def test_train_writes_a_checkpoint_and_the_loss_goes_down(trained):
     data_dir, out_dir, stdout = trained
     ev = evals(stdout)
