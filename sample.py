@@ -253,7 +253,7 @@ def load_checkpoint(out_dir, device):
 
 def show_step(enc, d, n, y, colour):
     """One line per step: d_0 (decided last step), accepted drafts, rejected drafts, then y."""
-    text = lambda ids: enc.decode(ids).encode("unicode_escape").decode()  # newlines stay on one line
+    text = lambda ids: enc.decode(ids).encode("unicode_escape").decode().replace(" ", "·")  # one line, spaces seen
     parts = [(text(d[:1]), "1", "{}"), (text(d[1 : n + 1]), "32", "{}"), (text(d[n + 1 :]), "9;31", "[-{}-]"), (text([y]), "1;33", "{{+{}+}}")]
     if colour:  # bold d_0, green accepted, red struck-through rejected, bold yellow y
         return "".join(f"\033[{code}m{s}\033[0m" for s, code, _ in parts if s)
