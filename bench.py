@@ -12,6 +12,7 @@ Measures what the README's results section reports, in one run, at batch 1 on on
 import argparse
 import os
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ def timed(fn, device, repeats=1):
 
 
 def bench_decoding(model, prompts, draft_lens, max_new_tokens, device):
-    print(f"\n1. decoding, greedy, batch 1, {len(prompts)} prompts of {len(prompts[0])} tokens, up to {max_new_tokens} new tokens")
+    print(f"\n1. decoding, greedy, batch 1, {len(prompts)} prompts of {len(prompts[0])} tokens, "
+          f"up to {max_new_tokens} new tokens")
     print(f"{'method':>10} {'tokens':>7} {'forwards':>9} {'tok/fwd':>8} {'tok/s':>9} {'vs AR':>7}  identical")
     ar_seconds, ar_outs = 0.0, []
     for p in prompts:
@@ -61,7 +63,8 @@ def bench_decoding(model, prompts, draft_lens, max_new_tokens, device):
             seconds, tokens, forwards = seconds + s, tokens + len(out), forwards + stats["forwards"]
             identical &= out == ar_out
         speedup = (tokens / seconds) / (n_ar / ar_seconds)
-        print(f"{f'TiDAR k={k}':>10} {tokens:7d} {forwards:9d} {tokens / forwards:8.2f} {tokens / seconds:9.1f} {speedup:7.2f}x  {identical}")
+        print(f"{f'TiDAR k={k}':>10} {tokens:7d} {forwards:9d} {tokens / forwards:8.2f} {tokens / seconds:9.1f} "
+              f"{speedup:7.2f}x  {identical}")
 
 
 def bench_query_sweep(model, cache_len, max_queries, draft_lens, repeats, device):
@@ -72,7 +75,8 @@ def bench_query_sweep(model, cache_len, max_queries, draft_lens, repeats, device
     cache = KVCache(config, cache_len, device=device, dtype=dtype)
     tokens = torch.randint(0, config.vocab_size, (1, cache_len + max_queries), device=device)
     with torch.no_grad():
-        model(tokens[:, :cache_len], torch.arange(cache_len, device=device), causal_mask(cache_len, device=device), cache, n_causal=cache_len)
+        prefix, pos = tokens[:, :cache_len], torch.arange(cache_len, device=device)
+        model(prefix, pos, causal_mask(cache_len, device=device), cache, n_causal=cache_len)
     marks = {k + k * k: k for k in draft_lens}
     sizes = sorted({2**i for i in range(max_queries.bit_length()) if 2**i <= max_queries} | set(marks))
     base = None
@@ -81,10 +85,10 @@ def bench_query_sweep(model, cache_len, max_queries, draft_lens, repeats, device
         if cache_len + T > config.seq_len:
             print(f"{T:8d}   (beyond the model's context of {config.seq_len})")
             continue
-        pos = torch.arange(cache_len, cache_len + T, device=device)
+        idx, pos = tokens[:, cache_len : cache_len + T], torch.arange(cache_len, cache_len + T, device=device)
         mask = causal_mask(T, cache_len, device=device)
         with torch.no_grad():  # n_causal = 0: nothing is written, the cache stays as it is
-            seconds, _ = timed(lambda: model(tokens[:, cache_len : cache_len + T], pos, mask, cache, n_causal=0), device, repeats)
+            seconds, _ = timed(lambda: model(idx, pos, mask, cache, n_causal=0), device, repeats)
         base = base or seconds
         mark = f"  <- k + k*k for k = {marks[T]}" if T in marks else ""
         print(f"{T:8d} {seconds * 1e3:8.3f} {seconds / base:6.2f}{mark}")
@@ -93,12 +97,12 @@ def bench_query_sweep(model, cache_len, max_queries, draft_lens, repeats, device
 def bench_training(model, batch, repeats, device):
     config = model.config
     S = config.seq_len
-    print(f"\n3. training step (forward, backward, AdamW), batch {batch}, context S = {S}, block B = {config.block_len}")
+    print(f"\n3. training step (forward, backward, AdamW), batch {batch}, S = {S}, B = {config.block_len}")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = torch.randint(0, config.vocab_size, (batch, S + 1), device=device)
     x, y = data[:, :-1], data[:, 1:]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
 
     def step(objective):
         with autocast:
@@ -111,7 +115,8 @@ def bench_training(model, batch, repeats, device):
         optimizer.zero_grad(set_to_none=True)
 
     ms = {obj: 1e3 * timed(lambda: step(obj), device, repeats)[0] for obj in ("ar", "tidar")}
-    print(f"AR {ms['ar']:.1f} ms/iter, TiDAR {ms['tidar']:.1f} ms/iter (doubled sequence): {ms['tidar'] / ms['ar']:.2f}x")
+    print(f"AR {ms['ar']:.1f} ms/iter, TiDAR {ms['tidar']:.1f} ms/iter (doubled sequence): "
+          f"{ms['tidar'] / ms['ar']:.2f}x")
 
 
 def main(args):

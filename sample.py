@@ -17,7 +17,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions, get_tokenizer, prefill_mask
+from tidar import GPT, GPTConfig, KVCache, get_tokenizer
+from tidar import causal_mask, decode_step_mask, decode_step_positions, prefill_mask
 
 # -----------------------------------------------------------------------------
 # Distributions. The target (AR) and the draft (diffusion) distributions go through the same function,
@@ -88,7 +89,8 @@ def check_request(config, prompt_ids, max_new_tokens, temperature, top_k, k=0, b
     """Bad requests fail before decoding starts, each with a message that says what to change. k = 0: AR."""
     P = len(prompt_ids)
     if not all(0 <= t < config.vocab_size for t in prompt_ids):  # [MASK] = vocab_size is no prompt token
-        raise ValueError(f"prompt token ids must lie in [0, {config.vocab_size}), got {min(prompt_ids)} .. {max(prompt_ids)}")
+        got = f"{min(prompt_ids)}..{max(prompt_ids)}"
+        raise ValueError(f"prompt token ids must lie in [0, {config.vocab_size}), got {got}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0:
@@ -123,7 +125,8 @@ def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, 
     cache = KVCache(config, P + max_new_tokens, device=device, dtype=dtype)
     positions = torch.arange(config.seq_len, device=device)
     sees_all = torch.ones(1, cache.max_len, dtype=torch.bool, device=device)
-    logits = model(torch.tensor([prompt_ids], device=device), positions[:P], causal_mask(P, device=device), cache, n_causal=P)
+    idx = torch.tensor([prompt_ids], device=device)
+    logits = model(idx, positions[:P], causal_mask(P, device=device), cache, n_causal=P)  # (1, P, V)
     out = []
     while True:
         token, _ = choose(logits[0, -1], temperature, top_k, generator)
@@ -135,7 +138,9 @@ def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, 
 
 
 @torch.no_grad()
-def generate_tidar(model, prompt_ids, max_new_tokens, draft_len=None, temperature=0.0, top_k=None, beta=1.0, generator=None):
+def generate_tidar(
+    model, prompt_ids, max_new_tokens, draft_len=None, temperature=0.0, top_k=None, beta=1.0, generator=None
+):
     """
     TiDAR decoding. Returns (new_token_ids, stats): stats["forwards"] counts forward passes (prefill
     included), stats["committed"] the tokens each step committed (n + 1), stats["trace"] per step the
@@ -154,7 +159,8 @@ def generate_tidar(model, prompt_ids, max_new_tokens, draft_len=None, temperatur
     # Prefill: the prompt (causal) and k masks at positions P .. P+k-1 that see the whole prompt and each
     # other. Only the prompt's K/V enter the cache (n_causal = P).
     idx = torch.tensor([prompt_ids + [m] * k], device=device)
-    logits = model(idx, torch.arange(P + k, device=device), prefill_mask(P, k, device), cache, n_causal=P)[0]  # (P + k, V)
+    pos = torch.arange(P + k, device=device)
+    logits = model(idx, pos, prefill_mask(P, k, device), cache, n_causal=P)[0]  # (P + k, V)
     d0, _ = choose(mix(logits[P - 1], logits[P], beta), temperature, top_k, generator)  # AR output at p_{P-1}
     drafts, q = choose(logits[P + 1 :], temperature, top_k, generator)  # d_1 .. d_{k-1} from mask slots 1 .. k-1
     out, done = trim([int(d0)], config.eot_id, max_new_tokens)
@@ -223,7 +229,8 @@ def fail(message):
 
 def pick_device(name):
     """'auto' takes cuda, then mps, then cpu; a named device must exist on this machine."""
-    available = [d for d, ok in [("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()), ("cpu", True)] if ok]
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    available = [d for d, ok in found.items() if ok]
     if name != "auto" and name not in available:
         fail(f"--device={name} is not available here: use auto or one of {', '.join(available)}")
     return available[0] if name == "auto" else name
@@ -238,7 +245,8 @@ def load_checkpoint(out_dir, device):
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as e:
-        fail(f"cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): retrain or pick another --out_dir")
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        fail(f"cannot load {path} ({why}): retrain or pick another --out_dir")
     try:
         enc = get_tokenizer(ckpt["tokenizer"])
     except (RuntimeError, ValueError) as e:
@@ -246,7 +254,8 @@ def load_checkpoint(out_dir, device):
     if (enc.n_vocab, enc.eot_token) != (model.config.vocab_size, model.config.eot_id):
         fail(
             f"{path} was trained on {model.config.vocab_size} tokens with <|endoftext|> = {model.config.eot_id}, "
-            f"but tokenizer {ckpt['tokenizer']!r} has {enc.n_vocab} and {enc.eot_token}: the checkpoint does not match its tokenizer"
+            f"but tokenizer {ckpt['tokenizer']!r} has {enc.n_vocab} and {enc.eot_token}: "
+            "the checkpoint does not match its tokenizer"
         )
     return model.to(device).eval(), enc
 
@@ -254,7 +263,12 @@ def load_checkpoint(out_dir, device):
 def show_step(enc, d, n, y, colour):
     """One line per step: d_0 (decided last step), accepted drafts, rejected drafts, then y."""
     text = lambda ids: enc.decode(ids).encode("unicode_escape").decode().replace(" ", "·")  # one line, spaces seen
-    parts = [(text(d[:1]), "1", "{}"), (text(d[1 : n + 1]), "32", "{}"), (text(d[n + 1 :]), "9;31", "[-{}-]"), (text([y]), "1;33", "{{+{}+}}")]
+    parts = [  # (text, terminal colour, plain-text form)
+        (text(d[:1]), "1", "{}"),
+        (text(d[1 : n + 1]), "32", "{}"),
+        (text(d[n + 1 :]), "9;31", "[-{}-]"),
+        (text([y]), "1;33", "{{+{}+}}"),
+    ]
     if colour:  # bold d_0, green accepted, red struck-through rejected, bold yellow y
         return "".join(f"\033[{code}m{s}\033[0m" for s, code, _ in parts if s)
     return "".join(plain.format(s) for s, _, plain in parts if s)
@@ -278,9 +292,14 @@ def main(args):
     options = dict(temperature=args.temperature, top_k=args.top_k)
     for sample in range(args.num_samples):
         generator.manual_seed(args.seed + sample)
-        t0 = time.perf_counter()
         try:
-            out, stats = generate_tidar(model, prompt_ids, args.max_new_tokens, args.draft_len, beta=args.beta, generator=generator, **options)
+            if args.compare and sample == 0:  # warm up both, so that neither timing pays for first-call setup
+                generate_tidar(model, prompt_ids, 2, args.draft_len, **options)
+                generate_ar(model, prompt_ids, 2, **options)
+            t0 = time.perf_counter()
+            out, stats = generate_tidar(
+                model, prompt_ids, args.max_new_tokens, args.draft_len, beta=args.beta, generator=generator, **options
+            )
         except ValueError as e:
             fail(str(e))
         seconds = time.perf_counter() - t0
@@ -293,8 +312,9 @@ def main(args):
         print(text + enc.decode([t for t in out if t != model.config.eot_id]))
         k = args.draft_len or model.config.block_len
         hist = [stats["committed"].count(c) for c in range(1, k + 1)]
-        print(f"--- TiDAR: {len(out)} new tokens, {stats['forwards']} forwards, {len(out) / stats['forwards']:.2f} tokens/forward, "
-              f"steps committing 1..{k} tokens: {hist}, {len(out) / seconds:.1f} tokens/s on {args.device}")
+        print(f"--- TiDAR: {len(out)} new tokens, {stats['forwards']} forwards, "
+              f"{len(out) / stats['forwards']:.2f} tokens/forward, steps committing 1..{k} tokens: {hist}, "
+              f"{len(out) / seconds:.1f} tokens/s on {args.device}")
         if args.compare:
             generator.manual_seed(args.seed + sample)
             t0 = time.perf_counter()

@@ -127,7 +127,8 @@ class GPT(nn.Module):
         T, L = idx.size(1), cache.length if cache is not None else 0
         if mask is None or mask.dtype != torch.bool or tuple(mask.shape) != (T, L + T):
             # No silent fallback to causal attention: without its mask this is not TiDAR.
-            raise ValueError(f"attention needs a bool mask of shape {(T, L + T)}, got {mask if mask is None else (mask.dtype, tuple(mask.shape))}")
+            got = None if mask is None else (mask.dtype, tuple(mask.shape))
+            raise ValueError(f"attention needs a bool mask of shape {(T, L + T)}, got {got}")
         x = self.wte(idx)  # (B, T, C)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, hs/2)
         for block in self.blocks:
@@ -210,6 +211,17 @@ def prefill_mask(P, k, device=None):
 
 
 def decode_step_mask(L, k, device=None):
+    """
+    (k + k*k, L + k + k*k) bool. For L=1, k=2 (c cache, d drafts, bb mask block b; labels are positions):
+              c | d   | b1  | b2
+              0 | 1 2 | 2 3 | 3 4
+        d 1   # | # . | . . | . .
+        d 2   # | # # | . . | . .
+        b1 2  # | # . | # # | . .      block 1 bets on "d_0 accepted", block 2 on "d_0 d_1 accepted"
+        b1 3  # | # . | # # | . .
+        b2 3  # | # # | . . | # #
+        b2 4  # | # # | . . | # #
+    """
     return _mask(decode_step_allowed, k + k * k, L + k + k * k, device, L=L, k=k)
 
 
@@ -296,7 +308,8 @@ def get_tokenizer(name):
     if name == "byte":
         # Lossless for any text and needs no download: the 256 byte values, plus <|endoftext|> = 256.
         ranks = {bytes([b]): b for b in range(256)}
-        return tiktoken.Encoding("byte", pat_str=r"\s+|\S+", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 256})
+        special = {"<|endoftext|>": 256}
+        return tiktoken.Encoding("byte", pat_str=r"\s+|\S+", mergeable_ranks=ranks, special_tokens=special)
     if name == "gpt2":
         try:  # tiktoken downloads the vocabulary once, or reads it from $TIKTOKEN_CACHE_DIR
             return tiktoken.get_encoding("gpt2")

@@ -1,5 +1,7 @@
 """TIDAR.md section 4, the model side: properties 1, 2, 3, 5, 6 (cache rolled back by hand), 11 and 13."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -216,3 +218,14 @@ def test_forward_refuses_a_missing_or_wrong_mask(tiny):
     for bad in [None, torch.zeros(6, 6), torch.ones(6, 5, dtype=torch.bool)]:
         with pytest.raises(ValueError, match="bool mask"):
             tiny(x, pos, bad)
+
+
+def test_python_tidar_draws_both_masks():
+    from conftest import ROOT
+
+    run = subprocess.run([sys.executable, "tidar.py"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    training, step = run.stdout.split("decode-step mask")
+    cells = lambda text: sum(line.count("#") for line in text.splitlines() if "|" in line)  # grid rows only
+    assert "training mask, S=8, B=4" in training and cells(training) == int(slow_training_mask(8, 4).sum())
+    assert cells(step) == int(decode_step_mask(2, 3).sum())
