@@ -5,8 +5,8 @@ Train a TiDAR model (or, with --objective=ar, the plain AR baseline) on the toke
     torchrun --standalone --nproc_per_node=8 train.py  # DDP: nccl on CUDA, gloo on CPU
     python train.py --init_from=resume               # continue out_dir/ckpt.pt where it stopped
 
-Every setting below can be overridden with --name=value. On a CPU, a small run that took 4.5 minutes on
-2 cores (val loss 5.60 -> 2.22, AR 2.54 bits/byte, draft accuracy 43% at offset 0 down to 32% at offset 7):
+Every setting below can be overridden with --name=value. On a CPU, a small run that took about 4 minutes
+on 2 cores (val loss 5.60 -> 2.22, AR 2.54 bits/byte, draft accuracy 43% at offset 0 down to 32% at offset 7):
     python train.py --device=cpu --n_layer=2 --n_head=4 --n_embd=128 --seq_len=128 --block_len=8 \
         --batch_size=16 --max_iters=500 --warmup_iters=50 --lr=2e-3 --eval_interval=250 --eval_iters=10
 """

@@ -196,12 +196,13 @@ def test_sampling_follows_the_ar_distribution(temperature, top_k, draft_len):
             p.mul_(3)
     prompt, n_new, N = [1, 2], draft_len + 1, 2000
     g = torch.Generator().manual_seed(1)
-    counts, committed = {}, []
+    counts, committed, forwards = {}, [], []
     for _ in range(N):
         out, stats = generate_tidar(model, prompt, n_new, draft_len=draft_len, temperature=temperature, top_k=top_k, generator=g)
         counts[tuple(out)] = counts.get(tuple(out), 0) + 1
-        committed += stats["committed"]
+        committed, forwards = committed + stats["committed"], forwards + [stats["forwards"]]
     assert 1 in committed and draft_len in committed  # rejections and bonus tokens both occurred
+    assert max(forwards) >= 3  # and generations of several steps
     expected = {s: N * sequence_probability(model, prompt, list(s), temperature, top_k) for s in counts}
     assert sum(expected.values()) <= N * (1 + 1e-6)
     # chi-square over the outcomes seen; whatever probability they miss goes into one last bin
