@@ -17,8 +17,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from sample import generate_ar, generate_tidar, load_checkpoint, pick_device
-from tidar import KVCache, ar_inputs, causal_mask, tidar_inputs, tidar_loss
+from sample import fail, generate_ar, generate_tidar, load_checkpoint
+from tidar import KVCache, ar_inputs, causal_mask, pick_device, tidar_inputs, tidar_loss
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 parser.add_argument("--out_dir", default="out", help="folder with ckpt.pt")
@@ -120,7 +120,10 @@ def bench_training(model, batch, repeats, device):
 
 
 def main(args):
-    args.device = pick_device(args.device)
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as e:
+        fail(str(e))
     model, _ = load_checkpoint(args.out_dir, args.device)
     draft_lens = [int(k) for k in args.draft_lens.split(",")]
     val = np.memmap(os.path.join(args.data_dir, "val.bin"), dtype=np.uint16, mode="r")

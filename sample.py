@@ -17,7 +17,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from tidar import GPT, GPTConfig, KVCache, get_tokenizer
+from tidar import GPT, GPTConfig, KVCache, get_tokenizer, pick_device
 from tidar import causal_mask, decode_step_mask, decode_step_positions, prefill_mask
 
 # -----------------------------------------------------------------------------
@@ -227,15 +227,6 @@ def fail(message):
     sys.exit(2)
 
 
-def pick_device(name):
-    """'auto' takes cuda, then mps, then cpu; a named device must exist on this machine."""
-    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    available = [d for d, ok in found.items() if ok]
-    if name != "auto" and name not in available:
-        fail(f"--device={name} is not available here: use auto or one of {', '.join(available)}")
-    return available[0] if name == "auto" else name
-
-
 def load_checkpoint(out_dir, device):
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
@@ -275,7 +266,10 @@ def show_step(enc, d, n, y, colour):
 
 
 def main(args):
-    args.device = pick_device(args.device)
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as e:
+        fail(str(e))
     text = args.prompt
     if text.startswith("FILE:"):
         try:

@@ -299,7 +299,7 @@ class KVCache:
 
 
 # -----------------------------------------------------------------------------
-# 5. Tokenizers, both as tiktoken Encodings so that every script uses one interface
+# 5. Tokenizers, both as tiktoken Encodings so that every script uses one interface; and the device
 
 
 def get_tokenizer(name):
@@ -319,6 +319,15 @@ def get_tokenizer(name):
                 "or a copy in the folder named by TIKTOKEN_CACHE_DIR; or use the offline tokenizer: --tokenizer=byte"
             ) from None
     raise ValueError(f"unknown tokenizer {name!r}: use 'byte' or 'gpt2'")
+
+
+def pick_device(name="auto"):
+    """'auto' takes cuda, then mps, then cpu; a named device must exist on this machine."""
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    available = [d for d, ok in found.items() if ok]
+    if name != "auto" and name not in available:
+        raise ValueError(f"--device={name} is not available here: use auto or one of {', '.join(available)}")
+    return available[0] if name == "auto" else name
 
 
 # -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tidar import GPT, GPTConfig, ar_inputs, tidar_inputs, tidar_loss
+from tidar import GPT, GPTConfig, ar_inputs, pick_device, tidar_inputs, tidar_loss
 
 # -----------------------------------------------------------------------------
 # Settings. The defaults are meant to take about 5 minutes on one H100 (bf16, compiled), an estimate not yet
@@ -117,10 +117,10 @@ if n_embd % (2 * n_head):
 rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
 world_size = int(os.environ.get("WORLD_SIZE", 1))
 ddp, master = world_size > 1, rank == 0
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-if (device == "cuda" and not torch.cuda.is_available()) or (device == "mps" and not torch.backends.mps.is_available()):
-    fail(f"--device={device} is not available on this machine: use --device=auto")
+try:
+    device = pick_device(device)
+except ValueError as e:
+    fail(str(e))
 device_type = device
 if ddp:
     from torch.distributed import barrier, destroy_process_group, init_process_group
