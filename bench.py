@@ -10,7 +10,9 @@ Measures what the README's results section reports, in one run, at batch 1 on on
     python bench.py --draft_lens=4,8,16 --num_prompts=8 --max_new_tokens=256
 """
 import argparse
+import copy
 import os
+import statistics
 import time
 from contextlib import nullcontext
 
@@ -31,67 +33,99 @@ parser.add_argument("--max_new_tokens", type=int, default=256)
 parser.add_argument("--cache_len", type=int, default=256, help="KV cache length for the query-length sweep")
 parser.add_argument("--max_queries", type=int, default=512, help="largest query count in the sweep")
 parser.add_argument("--train_batch", type=int, default=16, help="batch size for the training timing")
-parser.add_argument("--repeats", type=int, default=10, help="timed repeats per forward / training step")
+parser.add_argument("--repeats", type=int, default=20, help="timed repeats per forward / training step")
 
 
 def timed(fn, device, repeats=1):
-    """Mean seconds per call of fn, after one warm-up call."""
-    fn()
+    """Median seconds of a call of fn, each call waited for (a latency; warm up before), and its last result."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
+    seconds = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         result = fn()
-    sync()
-    return (time.perf_counter() - t0) / repeats, result
+        sync()
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds), result
 
 
 def bench_decoding(model, prompts, draft_lens, max_new_tokens, device):
     print(f"\n1. decoding, greedy, batch 1, {len(prompts)} prompts of {len(prompts[0])} tokens, "
           f"up to {max_new_tokens} new tokens")
-    print(f"{'method':>10} {'tokens':>7} {'forwards':>9} {'tok/fwd':>8} {'tok/s':>9} {'vs AR':>7}  identical")
-    ar_seconds, ar_outs = 0.0, []
-    for p in prompts:
-        seconds, out = timed(lambda: generate_ar(model, p, max_new_tokens), device)
-        ar_seconds, ar_outs = ar_seconds + seconds, ar_outs + [out]
-    n_ar = sum(map(len, ar_outs))
-    print(f"{'AR':>10} {n_ar:7d} {n_ar:9d} {1:8.2f} {n_ar / ar_seconds:9.1f} {1:7.2f}x")
+    def ar(p):
+        out = generate_ar(model, p, max_new_tokens)
+        return out, {"forwards": len(out)}  # one forward per token, the prefill's included
+
+    decoders = {"AR": ar}
     for k in draft_lens:
-        seconds, tokens, forwards, identical = 0.0, 0, 0, True
-        for p, ar_out in zip(prompts, ar_outs):
-            s, (out, stats) = timed(lambda: generate_tidar(model, p, max_new_tokens, draft_len=k), device)
-            seconds, tokens, forwards = seconds + s, tokens + len(out), forwards + stats["forwards"]
-            identical &= out == ar_out
-        speedup = (tokens / seconds) / (n_ar / ar_seconds)
-        print(f"{f'TiDAR k={k}':>10} {tokens:7d} {forwards:9d} {tokens / forwards:8.2f} {tokens / seconds:9.1f} "
-              f"{speedup:7.2f}x  {identical}")
+        decoders[f"TiDAR k={k}"] = lambda p, k=k: generate_tidar(model, p, max_new_tokens, draft_len=k)
+    for decode in decoders.values():
+        decode(prompts[0])  # warm-up: first calls pay for kernel selection and allocation
+    # Each prompt is decoded by every method in turn, so a drift in the machine's speed hits them all alike.
+    seconds, tokens, forwards, outputs = ({name: [] for name in decoders} for _ in range(4))
+    for p in prompts:
+        for name, decode in decoders.items():
+            s, (out, stats) = timed(lambda: decode(p), device)
+            seconds[name].append(s), tokens[name].append(len(out)), outputs[name].append(out)
+            forwards[name].append(stats["forwards"])
+    print(f"{'method':>10} {'tokens':>7} {'forwards':>9} {'tok/fwd':>8} {'ms/fwd':>7} {'tok/s':>9} {'vs AR':>7}  "
+          "identical")
+    ar_speed = sum(tokens["AR"]) / sum(seconds["AR"])
+    for name in decoders:
+        n, f, s = sum(tokens[name]), sum(forwards[name]), sum(seconds[name])
+        same = "" if name == "AR" else outputs[name] == outputs["AR"]
+        print(f"{name:>10} {n:7d} {f:9d} {n / f:8.2f} {1e3 * s / f:7.2f} {n / s:9.1f} {n / s / ar_speed:7.2f}x  {same}")
+
+
+def graph_timed(forward, repeats):
+    """Median seconds of a forward replayed from a CUDA graph: the GPU's own time, without Python's launch cost."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward()  # warm-up on a side stream, as graph capture requires
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    graph.replay()
+    return timed(graph.replay, "cuda", repeats)[0]
 
 
 def bench_query_sweep(model, cache_len, max_queries, draft_lens, repeats, device):
     # A forward's cost hardly grows with its query count until the GPU is compute-bound: the slots below
     # that point are free, and TiDAR spends them on k + k*k queries per step (the paper's Figure 1).
-    config, dtype = model.config, next(model.parameters()).dtype
-    print(f"\n2. forward latency against query tokens, KV cache of {cache_len} tokens")
-    cache = KVCache(config, cache_len, device=device, dtype=dtype)
+    # Measured as sample.py runs (eager, Python launching every kernel) and, on CUDA, replayed from a CUDA
+    # graph, which leaves only the GPU's time: in float32 as sample.py decodes, and in bfloat16.
+    config = model.config
+    print(f"\n2. forward latency (ms) against query tokens, KV cache of {cache_len} tokens")
     tokens = torch.randint(0, config.vocab_size, (1, cache_len + max_queries), device=device)
-    with torch.no_grad():
-        prefix, pos = tokens[:, :cache_len], torch.arange(cache_len, device=device)
-        model(prefix, pos, causal_mask(cache_len, device=device), cache, n_causal=cache_len)
     marks = {k + k * k: k for k in draft_lens}
     sizes = sorted({2**i for i in range(max_queries.bit_length()) if 2**i <= max_queries} | set(marks))
-    base = None
-    print(f"{'queries':>8} {'ms':>8} {'vs 1':>6}")
+    beyond = [T for T in sizes if cache_len + T > config.seq_len]
+    sizes = [T for T in sizes if T not in beyond]
+    models = {"eager": model}
+    if device == "cuda":
+        models |= {"graph fp32": model, "graph bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    ms = {}
+    for column, m in models.items():
+        cache = KVCache(config, cache_len, device=device, dtype=next(m.parameters()).dtype)
+        with torch.no_grad():
+            prefix, pos = tokens[:, :cache_len], torch.arange(cache_len, device=device)
+            m(prefix, pos, causal_mask(cache_len, device=device), cache, n_causal=cache_len)
+            for T in sizes:  # n_causal = 0: nothing is written, the cache stays as it is
+                idx, pos = tokens[:, cache_len : cache_len + T], torch.arange(cache_len, cache_len + T, device=device)
+                mask = causal_mask(T, cache_len, device=device)
+                forward = lambda: m(idx, pos, mask, cache, n_causal=0)
+                if column == "eager":
+                    forward()
+                    ms[column, T] = 1e3 * timed(forward, device, repeats)[0]
+                else:
+                    ms[column, T] = 1e3 * graph_timed(forward, repeats)
+    print(f"{'queries':>8}" + "".join(f" {c:>10} {'vs 1':>5}" for c in models))
     for T in sizes:
-        if cache_len + T > config.seq_len:
-            print(f"{T:8d}   (beyond the model's context of {config.seq_len})")
-            continue
-        idx, pos = tokens[:, cache_len : cache_len + T], torch.arange(cache_len, cache_len + T, device=device)
-        mask = causal_mask(T, cache_len, device=device)
-        with torch.no_grad():  # n_causal = 0: nothing is written, the cache stays as it is
-            seconds, _ = timed(lambda: model(idx, pos, mask, cache, n_causal=0), device, repeats)
-        base = base or seconds
         mark = f"  <- k + k*k for k = {marks[T]}" if T in marks else ""
-        print(f"{T:8d} {seconds * 1e3:8.3f} {seconds / base:6.2f}{mark}")
+        print(f"{T:8d}" + "".join(f" {ms[c, T]:10.3f} {ms[c, T] / ms[c, sizes[0]]:5.2f}" for c in models) + mark)
+    if beyond:
+        print(f"(not run, cache + queries beyond the model's context of {config.seq_len}: {beyond})")
 
 
 def bench_training(model, batch, repeats, device):
@@ -114,6 +148,8 @@ def bench_training(model, batch, repeats, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    for objective in ("ar", "tidar"):
+        step(objective)  # warm-up
     ms = {obj: 1e3 * timed(lambda: step(obj), device, repeats)[0] for obj in ("ar", "tidar")}
     print(f"AR {ms['ar']:.1f} ms/iter, TiDAR {ms['tidar']:.1f} ms/iter (doubled sequence): "
           f"{ms['tidar'] / ms['ar']:.2f}x")
