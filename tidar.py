@@ -30,11 +30,11 @@ from torch.nn import functional as F
 class GPTConfig:
     vocab_size: int = 257  # tokenizer vocabulary; [MASK] is the extra id vocab_size (byte: 256 + <|endoftext|>)
     eot_id: int = 256  # <|endoftext|>: decoding stops there
-    seq_len: int = 512  # S, the context: training length of the clean half, and the largest position + 1
+    seq_len: int = 1024  # S, the context: training length of the clean half, and the largest position + 1
     block_len: int = 16  # B, the mask block length used in training; the default draft length k
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
+    n_layer: int = 8  # the defaults are train.py's default model
+    n_head: int = 8
+    n_embd: int = 512
     rope_base: float = 10000.0
 
     @property
