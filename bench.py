@@ -3,11 +3,12 @@ Measures what the README's results section reports, in one run, at batch 1 on on
   1. decoding: AR and TiDAR tokens/s, tokens per forward and their ratio, greedy, on held-out prompts
      from the val split, for several draft lengths; and whether the outputs were identical
   2. free token slots (the paper's Figure 1 for this model): forward latency against the number of
-     query tokens, with a KV cache of a few hundred tokens; where k + k*k falls
+     query tokens, with a KV cache of a few hundred tokens; where k + k*k falls. Eager, as sample.py
+     runs, and on CUDA also replayed from CUDA graphs (float32 and bfloat16): the GPU's own time
   3. training: ms/iter of the TiDAR objective against the AR objective, same context and batch
 
     python bench.py                       # the checkpoint in out/, prompts from data/pystdlib/val.bin
-    python bench.py --draft_lens=4,8,16 --num_prompts=8 --max_new_tokens=256
+    python bench.py --num_prompts=16      # the README's H100 results
 """
 import argparse
 import copy
@@ -51,6 +52,7 @@ def timed(fn, device, repeats=1):
 def bench_decoding(model, prompts, draft_lens, max_new_tokens, device):
     print(f"\n1. decoding, greedy, batch 1, {len(prompts)} prompts of {len(prompts[0])} tokens, "
           f"up to {max_new_tokens} new tokens")
+
     def ar(p):
         out = generate_ar(model, p, max_new_tokens)
         return out, {"forwards": len(out)}  # one forward per token, the prefill's included
@@ -65,8 +67,10 @@ def bench_decoding(model, prompts, draft_lens, max_new_tokens, device):
     for p in prompts:
         for name, decode in decoders.items():
             s, (out, stats) = timed(lambda: decode(p), device)
-            seconds[name].append(s), tokens[name].append(len(out)), outputs[name].append(out)
+            seconds[name].append(s)
+            tokens[name].append(len(out))
             forwards[name].append(stats["forwards"])
+            outputs[name].append(out)
     print(f"{'method':>10} {'tokens':>7} {'forwards':>9} {'tok/fwd':>8} {'ms/fwd':>7} {'tok/s':>9} {'vs AR':>7}  "
           "identical")
     ar_speed = sum(tokens["AR"]) / sum(seconds["AR"])
