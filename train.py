@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tidar import GPT, GPTConfig, ar_inputs, pick_device, tidar_inputs, tidar_loss
 
 # -----------------------------------------------------------------------------
-# Settings. The defaults train in about 5 minutes on one H100 (bf16, compiled; measured: 62 ms/iter, 314 s
+# Settings. The defaults train in about 5 minutes on one H100 (bf16, compiled; measured: 62 ms/iter, 308 s
 # including data preparation, compilation and evaluations): 25.4M parameters, 4000 steps of 32 sequences.
 out_dir = "out"  # holds ckpt.pt
 data_dir = "data/pystdlib"  # from data/prepare.py; a missing folder named pystdlib is prepared on the spot
