@@ -2,25 +2,26 @@
 TiDAR, the model side: "Think in Diffusion, Talk in Autoregression" (J. Liu et al., arXiv 2511.08923).
 
 One GPT, one set of weights, one output head, run in two modes that differ only in the attention
-pattern and in what the input tokens are (TIDAR.md section 1):
+pattern and in what the input tokens are (README, "TiDAR in a few paragraphs"):
   - AR mode ("talk"): clean tokens, causal attention, the output at position i predicts token i+1.
   - diffusion mode ("think"): [MASK] tokens, bidirectional inside a block of masks that also sees the
     clean tokens before the block; the output at a mask at position i predicts the token *at* i.
 
 This file holds everything the two modes share:
-  1. the GPT (config, rotary positions, attention with an explicit boolean mask, blocks)
+  1. the GPT (config, rotary positions, attention with an explicit mask, layers)
   2. the attention patterns, as pure functions of (query index, key index) -> may attend
   3. the training objective: the doubled sequence and the mixed AR + diffusion loss
-  4. the KV cache, built for rollback
-  5. the tokenizers
+  4. the KV cache: static, with a per-row committed length that makes rollback one assignment
 `python tidar.py` draws the training mask and a decode-step mask. The decode loop is in sample.py.
 """
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # -----------------------------------------------------------------------------
 # 1. The GPT
@@ -32,7 +33,7 @@ class GPTConfig:
     eot_id: int = 256  # <|endoftext|>: decoding stops there
     seq_len: int = 1024  # S, the context: training length of the clean half, and the largest position + 1
     block_len: int = 16  # B, the mask block length used in training; the default draft length k
-    n_layer: int = 8  # the defaults are train.py's default model
+    n_layer: int = 8  # the defaults are train.py's default model on a GPU
     n_head: int = 8
     n_embd: int = 512
     rope_base: float = 10000.0
@@ -50,12 +51,12 @@ def rope_tables(seq_len, head_dim, base):
 
 
 def apply_rope(x, cos, sin):
-    # Rotary positions (choice, TIDAR.md section 1): attention scores depend only on the distance
-    # between positions, so a mask at offset r of its block sees the same picture whether the block
-    # starts at a multiple of B (training) or anywhere (decoding). Position ids are explicit because
+    # Rotary positions (choice; README, "Training: the doubled sequence"): attention scores depend only on
+    # the distance between positions, so a mask at offset r of its block sees the same picture whether the
+    # block starts at a multiple of B (training) or anywhere (decoding). Position ids are explicit because
     # the masks of the doubled sequence repeat the positions of the clean half.
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2), or (B, 1, T, hs/2) with a position per row
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -66,15 +67,18 @@ class SelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, n_causal):
+    def forward(self, x, cos, sin, mask, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, n_causal)  # (B, nh, L + T, hs)
-        # The boolean mask is the whole of TiDAR's "two modes in one forward": True = may attend.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+            k, v = cache.write(self.layer_idx, k, v)  # (B, nh, max_len, hs): the whole buffer
+        # The mask is the whole of TiDAR's "two modes in one forward": True = may attend.
+        if isinstance(mask, BlockMask):  # training on CUDA: the same pattern, all-False tiles skipped
+            y = flex_attention(q, k, v, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -88,7 +92,7 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x)))
 
 
-class Block(nn.Module):
+class Layer(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=False)
@@ -96,8 +100,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache, n_causal):
-        x = x + self.attn(self.ln_1(x), cos, sin, mask, cache, n_causal)
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.attn(self.ln_1(x), cos, sin, mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -106,7 +110,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # +1: the [MASK] row
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # never predicts [MASK]
         cos, sin = rope_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base)
@@ -117,31 +121,36 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx, pos, mask, cache=None, n_causal=0):
+    def forward(self, idx, pos, mask, cache=None):
         """
-        idx (B, T) token ids, pos (T,) position ids, mask (T, L + T) bool with True = may attend,
-        where L = cache.length (0 without a cache): the keys are [cached tokens, this forward's tokens].
-        With a cache, the first n_causal tokens of idx (prompt or d tokens, which attend causally) are
-        appended to it; the rest ([MASK] tokens) never are. Returns logits (B, T, vocab_size).
+        idx (B, T) token ids; pos (T,) or (B, T) position ids; mask (T, K) or (B, T, K) bool, True = may
+        attend, or a FlexAttention BlockMask. Without a cache the keys are this forward's T tokens (K = T).
+        With one, every token's K/V is written to the cache at its row's slots length .. length + T - 1
+        and the keys are the whole buffer (K = cache.max_len): the mask hides what is not committed, and
+        setting cache.length afterwards decides what is kept. Returns logits (B, T, vocab_size).
         """
-        T, L = idx.size(1), cache.length if cache is not None else 0
-        if mask is None or mask.dtype != torch.bool or tuple(mask.shape) != (T, L + T):
+        T, K = idx.size(1), cache.max_len if cache is not None else idx.size(1)
+        dense = mask is not None and not isinstance(mask, BlockMask)
+        if mask is None or dense and (mask.dtype != torch.bool or tuple(mask.shape[-2:]) != (T, K)):
             # No silent fallback to causal attention: without its mask this is not TiDAR.
             got = None if mask is None else (mask.dtype, tuple(mask.shape))
-            raise ValueError(f"attention needs a bool mask of shape {(T, L + T)}, got {got}")
+            raise ValueError(f"attention needs a bool mask of shape (..., {T}, {K}), got {got}")
+        if dense:
+            mask = mask.unsqueeze(-3)  # (1 or B, 1, T, K): the same for every head
         x = self.wte(idx)  # (B, T, C)
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, hs/2)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask, cache, n_causal)
-        if cache is not None:
-            cache.length += n_causal
+        cos, sin = self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3)  # (1 or B, 1, T, hs/2)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
 
 
 # -----------------------------------------------------------------------------
 # 2. Attention patterns. Each is a pure function of (query index i, key index j) -> may attend, written
-# with comparisons and & | only, so it works on Python ints (the tests' slow loop) and on broadcast
-# index tensors alike. The *_mask functions turn them into (queries, keys) bool tensors.
+# with comparisons and & | only, so it works on Python ints (the tests' slow loops), on broadcast index
+# tensors, and as a FlexAttention mask function alike. Lengths (L, P) may be one per row. The *_mask
+# functions turn them into (queries, keys) bool tensors, (B, queries, keys) for per-row lengths.
+# Keys are cache slots when there is a cache: the committed tokens at 0 .. L-1, then this forward's own
+# tokens at L .. L+T-1; any slot past what a pattern names is hidden.
 
 
 def causal_allowed(i, j, L=0):
@@ -150,7 +159,7 @@ def causal_allowed(i, j, L=0):
 
 
 def training_allowed(i, j, S, B):
-    """The doubled sequence [x_0 .. x_{S-1}, m .. m] of TIDAR.md section 2, mask block b(i) = (i - S) // B."""
+    """The doubled sequence [x_0 .. x_{S-1}, m .. m] of the README's training section; mask block (i - S) // B."""
     clean_i, clean_j = i < S, j < S
     block_i, block_j = (i - S) // B, (j - S) // B
     return (
@@ -160,15 +169,18 @@ def training_allowed(i, j, S, B):
     )  # clean -> mask: never
 
 
-def prefill_allowed(i, j, P):
-    """Prompt p_0 .. p_{P-1} (causal), then one block of k masks that sees the whole prompt and itself."""
-    return (j <= i) | (i >= P)
+def prefill_allowed(i, j, P, k):
+    """
+    The prompt p_0 .. p_{P-1} (causal), then one block of k masks that sees the whole prompt and itself.
+    In a batch the rows are padded with more masks to the longest; those see the same, and nobody sees them.
+    """
+    return ((i < P) & (j <= i)) | ((i >= P) & (j < P + k))
 
 
 def decode_step_allowed(i, j, L, k):
     """
-    One decode step (TIDAR.md section 3): L cached tokens, then k + k*k queries: d_0 .. d_{k-1}
-    (causal), then blocks 1 .. k of k masks; block b sees the cache, d_0 .. d_{b-1} and itself.
+    One decode step (README, "Decoding: one forward per step"): L cached tokens, then k + k*k queries:
+    d_0 .. d_{k-1} (causal), then blocks 1 .. k of k masks; block b sees the cache, d_0 .. d_{b-1} and itself.
     """
     jn = j - L  # key index among this step's tokens (negative: a cached token)
     block_i, block_j = (i - k) // k + 1, (jn - k) // k + 1  # 0 for the d tokens, b for block b
@@ -180,14 +192,15 @@ def decode_step_allowed(i, j, L, k):
     )
 
 
-def _mask(allowed, n_query, n_key, device=None, **kw):
+def _mask(allowed, n_query, n_key, device=None, **lengths):
     i = torch.arange(n_query, device=device)[:, None]
     j = torch.arange(n_key, device=device)[None, :]
-    return allowed(i, j, **kw)  # (n_query, n_key) bool
+    lengths = {name: n[:, None, None] if torch.is_tensor(n) else n for name, n in lengths.items()}  # (B, 1, 1)
+    return allowed(i, j, **lengths)  # (n_query, n_key), or (B, n_query, n_key)
 
 
-def causal_mask(T, L=0, device=None):
-    return _mask(causal_allowed, T, L + T, device, L=L)
+def causal_mask(T, L=0, n_keys=None, device=None):
+    return _mask(causal_allowed, T, n_keys or L + T, device, L=L)
 
 
 def tidar_training_mask(seq_len, block_len, device=None):
@@ -206,11 +219,19 @@ def tidar_training_mask(seq_len, block_len, device=None):
     return _mask(training_allowed, 2 * seq_len, 2 * seq_len, device, S=seq_len, B=block_len)
 
 
-def prefill_mask(P, k, device=None):
-    return _mask(prefill_allowed, P + k, P + k, device, P=P)
+@functools.lru_cache(maxsize=8)
+def tidar_training_block_mask(seq_len, block_len, device):
+    """The same pattern as a FlexAttention BlockMask, built once: tiles that are all False are never computed."""
+    allowed = lambda b, h, i, j: training_allowed(i, j, seq_len, block_len)
+    return create_block_mask(allowed, None, None, 2 * seq_len, 2 * seq_len, device=device)
 
 
-def decode_step_mask(L, k, device=None):
+def prefill_mask(P, k, n_query=None, n_keys=None, device=None):
+    n_query = n_query or P + k
+    return _mask(prefill_allowed, n_query, n_keys or n_query, device, P=P, k=k)
+
+
+def decode_step_mask(L, k, n_keys=None, device=None):
     """
     (k + k*k, L + k + k*k) bool. For L=1, k=2 (c cache, d drafts, bb mask block b; labels are positions):
               c | d   | b1  | b2
@@ -222,18 +243,19 @@ def decode_step_mask(L, k, device=None):
         b2 3  # | # # | . . | # #
         b2 4  # | # # | . . | # #
     """
-    return _mask(decode_step_allowed, k + k * k, L + k + k * k, device, L=L, k=k)
+    T = k + k * k
+    return _mask(decode_step_allowed, T, n_keys or L + T, device, L=L, k=k)
 
 
 def decode_step_positions(L, k, device=None):
     """Position ids of one decode step: d_a at L + a; block b's slot s at L + b + s (the slot after d_{b-1})."""
     d = torch.arange(k, device=device)
     blocks = torch.arange(1, k + 1, device=device)[:, None] + d[None, :]  # (k, k)
-    return L + torch.cat([d, blocks.flatten()])  # (k + k*k,)
+    return torch.as_tensor(L, device=device)[..., None] + torch.cat([d, blocks.flatten()])  # (k + k*k,) or (B, k + k*k)
 
 
 # -----------------------------------------------------------------------------
-# 3. Training: one forward over the doubled sequence trains both modes (TIDAR.md section 2)
+# 3. Training: one forward over the doubled sequence trains both modes (README, "Training: the doubled sequence")
 
 
 def tidar_inputs(x, block_len, mask_id):
@@ -241,6 +263,8 @@ def tidar_inputs(x, block_len, mask_id):
     S = x.size(1)
     idx = torch.cat([x, torch.full_like(x, mask_id)], dim=1)  # [x_0 .. x_{S-1}, m .. m]
     pos = torch.arange(S, device=x.device).repeat(2)  # the masks repeat positions 0 .. S-1
+    if x.device.type == "cuda":  # FlexAttention skips the three quarters of the 2S x 2S mask that are False;
+        return idx, pos, tidar_training_block_mask(S, block_len, x.device)  # it has no backward on the CPU
     return idx, pos, tidar_training_mask(S, block_len, device=x.device)
 
 
@@ -262,63 +286,51 @@ def tidar_loss(logits, x, y, alpha=1.0):
     return (alpha * ar + diff) / (1 + alpha), ar, diff
 
 
+def training_loss(model, config, x, y, objective="tidar", alpha=1.0):
+    """
+    One batch's loss for either objective, as train.py and bench.py use it: (loss, ar_loss, diff_loss).
+    'tidar': the doubled sequence. 'ar': the plain AR baseline, the same model on the clean half alone
+    (diff_loss None). model may be wrapped (compiled, DDP); config is the plain model's.
+    """
+    if objective == "ar":
+        logits = model(*ar_inputs(x))  # (B, S, V)
+        ar = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return ar, ar, None
+    return tidar_loss(model(*tidar_inputs(x, config.block_len, config.mask_id)), x, y, alpha)  # (B, 2S, V)
+
+
 # -----------------------------------------------------------------------------
 # 4. The KV cache
 
 
 class KVCache:
     """
-    Preallocated K/V buffers for every layer; the first `length` positions are the committed tokens.
-    Only causal tokens are ever written (prompt, d tokens); [MASK] tokens attend to the cache but never
-    enter it. Rolling back a rejected draft is just lowering `length`: its K/V stays in the buffer,
-    unseen, until a later forward overwrites it.
+    Static K/V buffers for every layer, allocated once (as gpt-fast does), with a committed length per row.
+    A forward writes all of its tokens' K/V at slots length .. length + T - 1 of each row and attends over
+    the whole buffer through a mask that hides every slot it may not see. What is kept is decided after:
+    committing d_0 .. d_n, or rolling back rejected drafts, is setting `length`; rows past it are scratch
+    that the next forward overwrites. So the shapes of a decode step never depend on how long the text
+    is, and the step can be captured as a CUDA graph.
     """
 
-    def __init__(self, config, max_len, batch_size=1, device=None, dtype=torch.float32):
+    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len, self.length = max_len, 0
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) committed tokens per row
+        self.max_len = max_len
 
-    def update(self, layer, k, v, n_causal):
-        """Write the first n_causal rows of k, v (B, nh, T, hs); return the keys and values to attend to."""
-        L = self.length
-        if L + n_causal > self.max_len:
-            raise ValueError(f"KV cache full: {L} + {n_causal} tokens > max_len {self.max_len}")
-        self.k[layer, :, :, L : L + n_causal] = k[:, :, :n_causal]
-        self.v[layer, :, :, L : L + n_causal] = v[:, :, :n_causal]
-        k = torch.cat([self.k[layer, :, :, : L + n_causal], k[:, :, n_causal:]], dim=2)  # (B, nh, L + T, hs)
-        v = torch.cat([self.v[layer, :, :, : L + n_causal], v[:, :, n_causal:]], dim=2)
-        return k, v
+    @property
+    def device(self):
+        return self.length.device
 
-    def rollback(self, length):
-        """Keep the first `length` tokens, drop the rest (rejected drafts)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot roll back a cache of {self.length} tokens to {length}")
-        self.length = length
-
-
-# -----------------------------------------------------------------------------
-# 5. Tokenizers, both as tiktoken Encodings so that every script uses one interface; and the device
-
-
-def get_tokenizer(name):
-    import tiktoken
-
-    if name == "byte":
-        # Lossless for any text and needs no download: the 256 byte values, plus <|endoftext|> = 256.
-        ranks = {bytes([b]): b for b in range(256)}
-        special = {"<|endoftext|>": 256}
-        return tiktoken.Encoding("byte", pat_str=r"\s+|\S+", mergeable_ranks=ranks, special_tokens=special)
-    if name == "gpt2":
-        try:  # tiktoken downloads the vocabulary once, or reads it from $TIKTOKEN_CACHE_DIR
-            return tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise RuntimeError(
-                f"cannot load the GPT-2 BPE vocabulary ({type(e).__name__}); tiktoken needs the network once, "
-                "or a copy in the folder named by TIKTOKEN_CACHE_DIR; or use the offline tokenizer: --tokenizer=byte"
-            ) from None
-    raise ValueError(f"unknown tokenizer {name!r}: use 'byte' or 'gpt2'")
+    def write(self, layer, k, v):
+        """Write k, v (B, nh, T, hs) at each row's slots length .. length + T - 1; return the whole buffers."""
+        slots = self.length[:, None] + torch.arange(k.size(2), device=k.device)  # (B, T)
+        index = slots[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
+        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]  # (B, nh, max_len, hs)
 
 
 def pick_device(name="auto"):

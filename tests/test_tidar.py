@@ -1,7 +1,9 @@
-"""TIDAR.md section 4, the model side: properties 1, 2, 3, 5, 6 (cache rolled back by hand), 11 and 13."""
+"""The model side of the properties in the README's "Tests" section: masks, no leakage, the clean half is AR,
+cached = uncached, exact rollback (by hand), the loss, and every attention backend honouring its mask."""
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -20,11 +22,12 @@ from tidar import (
     prefill_mask,
     tidar_inputs,
     tidar_loss,
+    tidar_training_block_mask,
     tidar_training_mask,
 )
 
 
-# --- 1. the masks, against slow loops written from the tables in TIDAR.md, not from tidar.py
+# --- 1. the masks, against slow loops written from the README's tables, not from tidar.py
 
 
 def slow_training_mask(S, B):
@@ -72,6 +75,26 @@ def test_decode_step_mask_matches_the_table(L, k):
     assert torch.equal(M[:, L:], decode_step_mask(0, k)) and M[:, :L].all()
 
 
+def test_per_row_masks_hide_every_slot_past_what_a_row_may_see():
+    # A static cache: keys are buffer slots; a row with L committed tokens sees the same pattern as a fresh
+    # cache of L, and no slot past its own step (stale drafts, another row's longer text) is visible.
+    k, n_keys, L = 3, 40, torch.tensor([0, 5, 20])
+    M = decode_step_mask(L, k, n_keys)
+    assert M.shape == (3, k + k * k, n_keys)
+    for b, l in enumerate(L.tolist()):
+        own = decode_step_mask(l, k)
+        assert torch.equal(M[b, :, : own.size(1)], own) and not M[b, :, own.size(1) :].any()
+    C = causal_mask(2, L, n_keys)
+    assert all(torch.equal(C[b], causal_mask(2, l, n_keys)) for b, l in enumerate(L.tolist()))
+    assert not C[1, :, 7:].any()
+    P, W = torch.tensor([2, 5]), 5 + k
+    F_ = prefill_mask(P, k, W, n_keys)
+    for b, p in enumerate(P.tolist()):
+        assert torch.equal(F_[b, : p + k, : p + k], prefill_mask(p, k)) and not F_[b, : p + k, p + k :].any()
+        assert F_[b, p + k :].any(dim=1).all()  # the padding rows have keys too (no NaN), and nobody sees them
+        assert not F_[b, : p + k, p + k : W].any()
+
+
 def test_prefill_mask_and_positions():
     P, k = 5, 3
     M = prefill_mask(P, k)
@@ -80,6 +103,7 @@ def test_prefill_mask_and_positions():
     # block b's slot s sits at L + b + s: slot 0 of block b shares its position with d_b
     pos = decode_step_positions(10, 3).tolist()
     assert pos == [10, 11, 12, 11, 12, 13, 12, 13, 14, 13, 14, 15]
+    assert decode_step_positions(torch.tensor([10, 0]), 3).tolist() == [pos, [p - 10 for p in pos]]
 
 
 # --- 2 and 3. no leakage; the clean half is a plain AR model
@@ -119,16 +143,17 @@ def test_clean_half_is_plain_ar(tiny):
 
 def fresh_cache(model, tokens, extra=64):
     """A cache filled by one causal forward over `tokens`, the reference for what a cache must hold."""
-    cache = KVCache(model.config, len(tokens) + extra, dtype=torch.float64)
-    x = torch.tensor([tokens])
-    model(x, torch.arange(len(tokens)), causal_mask(len(tokens)), cache, n_causal=len(tokens))
+    n = len(tokens)
+    cache = KVCache(model.config, 1, n + extra, dtype=torch.float64)
+    model(torch.tensor([tokens]), torch.arange(n), causal_mask(n, 0, cache.max_len), cache)
+    cache.length.fill_(n)
     return cache
 
 
 def decode_step(model, cache, d):
     k, L = len(d), cache.length
     idx = torch.tensor([d + [model.config.mask_id] * (k * k)])
-    return model(idx, decode_step_positions(L, k), decode_step_mask(L, k), cache, n_causal=k)[0]
+    return model(idx, decode_step_positions(L, k), decode_step_mask(L, k, cache.max_len), cache)[0]
 
 
 def test_cached_step_equals_uncached_forward(tiny):
@@ -144,18 +169,18 @@ def test_cached_step_equals_uncached_forward(tiny):
 def test_rollback_is_exact(tiny, n):
     prompt, d, k = [1, 2, 3, 4, 5], [6, 7, 8, 9], 4
     cache = fresh_cache(tiny, prompt)
-    decode_step(tiny, cache, d)
-    cache.rollback(len(prompt) + n + 1)  # commit d_0 .. d_n
+    decode_step(tiny, cache, d)  # writes d_0 .. d_3 and all 16 masks past the committed length
+    cache.length.fill_(len(prompt) + n + 1)  # commit d_0 .. d_n: one assignment
     committed = prompt + d[: n + 1]
     ref = fresh_cache(tiny, committed)
-    assert cache.length == ref.length == len(committed)
-    torch.testing.assert_close(cache.k[:, :, :, : cache.length], ref.k[:, :, :, : ref.length], rtol=0, atol=1e-12)
-    torch.testing.assert_close(cache.v[:, :, :, : cache.length], ref.v[:, :, :, : ref.length], rtol=0, atol=1e-12)
-    # and the next step sees nothing of what was rolled back (nor of any [MASK] token)
+    L = len(committed)
+    assert cache.length.item() == ref.length.item() == L
+    torch.testing.assert_close(cache.k[:, :, :, :L], ref.k[:, :, :, :L], rtol=0, atol=1e-12)
+    torch.testing.assert_close(cache.v[:, :, :, :L], ref.v[:, :, :, :L], rtol=0, atol=1e-12)
+    # the next step sees nothing of what was rolled back (drafts, or the [MASK] rows left in the buffer)
+    assert not torch.equal(cache.k[:, :, :, L : L + 4], ref.k[:, :, :, L : L + 4])  # scratch rows are really there
     nxt = [3, 1, 4, 1]
     torch.testing.assert_close(decode_step(tiny, cache, nxt), decode_step(tiny, ref, nxt), rtol=0, atol=1e-12)
-    with pytest.raises(ValueError):
-        cache.rollback(cache.length + 1)
 
 
 # --- 11. the loss
@@ -191,16 +216,18 @@ def test_gradients_reach_both_halves(tiny):
 # --- 13. the mask is really used
 
 
-def test_attention_honours_the_bool_mask():
+@pytest.mark.parametrize("per_row", [False, True])
+def test_attention_honours_the_bool_mask(per_row):
     torch.manual_seed(1)
     config = GPTConfig(n_embd=16, n_head=2, seq_len=16)
     attn = SelfAttention(config, 0).double()
     B, T, C, nh = 2, 7, 16, 2
     x = torch.randn(B, T, C, dtype=torch.float64)
-    mask = torch.rand(T, T) < 0.5
-    mask[torch.arange(T), torch.randint(0, T, (T,))] = True  # no empty row
+    mask = torch.rand(B if per_row else 1, T, T) < 0.5
+    mask[:, torch.arange(T), torch.randint(0, T, (T,))] = True  # no empty row
+    mask = mask[:, None] if per_row else mask[0]  # (B, 1, T, T) as GPT.forward passes it, or (T, T)
     cos, sin = torch.randn(T, 4, dtype=torch.float64), torch.randn(T, 4, dtype=torch.float64)
-    out = attn(x, cos, sin, mask, None, 0)
+    out = attn(x, cos, sin, mask)
     # the same computation by hand
     q, k, v = attn.c_attn(x).split(C, dim=2)
     q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
@@ -209,7 +236,22 @@ def test_attention_honours_the_bool_mask():
     att = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     ref = attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    assert not torch.allclose(out, attn(x, cos, sin, torch.ones(T, T, dtype=torch.bool).tril(), None, 0))
+    assert not torch.allclose(out, attn(x, cos, sin, torch.ones(T, T, dtype=torch.bool).tril()))
+
+
+def test_flex_attention_block_mask_gives_the_dense_logits(tiny):
+    # On CUDA, training attends through a FlexAttention BlockMask built from the same pattern; on the CPU
+    # FlexAttention runs forward only (unfused), which is enough to check that it computes the same thing.
+    x = torch.randint(0, 10, (2, 16))
+    idx, pos, dense = tidar_inputs(x, tiny.config.block_len, tiny.config.mask_id)
+    assert dense.dtype == torch.bool  # the CPU path
+    block_mask = tidar_training_block_mask(16, tiny.config.block_len, torch.device("cpu"))
+    with warnings.catch_warnings(), torch.no_grad():  # no backward on the CPU
+        warnings.simplefilter("ignore")  # "called without torch.compile": expected here
+        flex = tiny(idx, pos, block_mask)
+        other = tiny(idx, pos, tidar_training_block_mask(16, tiny.config.block_len + 4, torch.device("cpu")))
+    torch.testing.assert_close(flex, tiny(idx, pos, dense), rtol=0, atol=1e-10)
+    assert not torch.allclose(other, flex)  # another block length: the block mask is really used
 
 
 def test_forward_refuses_a_missing_or_wrong_mask(tiny):
