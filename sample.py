@@ -1,31 +1,229 @@
 """
-TiDAR decoding: draft, verify, cache, roll back, with one forward per step (TIDAR.md section 3).
+TiDAR decoding: draft, verify, cache, roll back, with one forward per step (README, "Decoding: one forward per step").
 
     python sample.py --prompt "def fibonacci(n):"            # greedy, the checkpoint in out/
     python sample.py --prompt "def fibonacci(n):" --compare  # and plain AR beside it, same model
     python sample.py --prompt FILE:prompt.txt --show         # draw each step's drafts
+    python sample.py --prompt "import os" --batch_size=8 --temperature=0.8  # 8 samples, decoded together
 
 generate_ar is the reference: one token per forward, the same KV cache. generate_tidar commits between
 1 and k tokens per forward and, with beta = 1, is lossless against it: greedy output is identical token
-for token, sampled output has exactly the same distribution.
+for token, sampled output has exactly the same distribution. generate_speculative is the classic method
+the paper compares TiDAR with: a separate small drafter, verified by the same code.
+
+Each decodes one prompt or a batch of prompts together: the batch is the leading axis of every tensor,
+and each row has its own length, acceptance and stopping. A step reads back to the host once, only what
+the host needs; on CUDA it is replayed from a CUDA graph.
 """
 import argparse
 import os
+import re
 import sys
 import time
 
 import torch
 from torch.nn import functional as F
 
-from tidar import GPT, GPTConfig, KVCache, get_tokenizer, pick_device
-from tidar import causal_mask, decode_step_mask, decode_step_positions, prefill_mask
+from data.prepare import get_tokenizer
+from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions, pick_device, prefill_mask
 
 # -----------------------------------------------------------------------------
-# Distributions. The target (AR) and the draft (diffusion) distributions go through the same function,
-# so the q used to accept a draft is exactly the distribution it was drawn from (TIDAR.md section 5).
+# The decoders
+
+
+@torch.no_grad()
+def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, generator=None, capture=True):
+    """
+    Plain AR decoding with a KV cache, one token per forward: the reference. prompt_ids is one prompt (a
+    list of ids) or a batch (a list of lists); returns the new token ids (a list of lists for a batch).
+    (choice) An empty prompt means "start of a document": it becomes [<|endoftext|>], as in GPT-2.
+    """
+    config = model.config
+    prompts, one = as_batch(prompt_ids, config.eot_id)
+    check_request(config, prompts, max_new_tokens, temperature, top_k)
+    cache, last = new_cache(model, prompts, max_new_tokens, 1)
+    u, draw = uniforms(len(prompts), 1, temperature, generator, cache.device)
+    logits, _ = prefill(model, prompts, 0, cache)  # (B, V): the AR output after each prompt's last token
+    d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (B,): decided, not yet in the cache
+
+    def step():  # d_0 goes into the cache; the output after it decides the next token
+        L = cache.length  # (B,)
+        logits = model(d0[:, None], L[:, None], causal_mask(1, L, cache.max_len, cache.device), cache)[:, 0]  # (B, V)
+        y, _ = choose(logits, temperature, top_k, u[:, 0])
+        cache.length.copy_(torch.minimum(L + 1, last))  # commit d_0
+        d = d0.clone()
+        d0.copy_(y)
+        return d[:, None], torch.zeros_like(y), y  # fed d_0, no drafts, y
+
+    out, _ = run(step, d0, draw, max_new_tokens, config.eot_id, capture)
+    return out[0] if one else out
+
+
+@torch.no_grad()
+def generate_tidar(
+    model, prompt_ids, max_new_tokens, draft_len=None, temperature=0.0, top_k=None, beta=1.0, rule="lossless",
+    generator=None, capture=True,
+):
+    """
+    TiDAR decoding of one prompt or a batch, as generate_ar. Returns (new_token_ids, stats), a list of each
+    for a batch: stats["forwards"] counts forward passes (prefill included), stats["committed"] the tokens
+    each step committed (n + 1), stats["trace"] per step the tokens d_0 .. d_{k-1}, n and y (for --show).
+    rule="paper" is the authors' released rule (README, "The paper's own rule"): not lossless.
+    """
+    config = model.config
+    k = draft_len if draft_len is not None else config.block_len
+    prompts, one = as_batch(prompt_ids, config.eot_id)
+    check_request(config, prompts, max_new_tokens, temperature, top_k, 2 * k, k, beta, rule)
+    B, T, paper = len(prompts), k + k * k, rule == "paper"
+    cache, last = new_cache(model, prompts, max_new_tokens, T)
+    u, draw = uniforms(B, 2 * k, temperature, generator, cache.device)
+    rows, masks = torch.arange(B, device=cache.device), torch.full((B, k * k), config.mask_id, device=cache.device)
+
+    # Prefill: each prompt (causal), then k masks at positions P .. P+k-1 that see the whole prompt and each
+    # other. d_0 comes from the AR output at p_{P-1} (mixed with mask slot 0; under the paper's rule slot 0
+    # alone, (choice) as at every later step); slots 1 .. k-1 are the drafts.
+    ar_last, slots = prefill(model, prompts, k, cache)  # (B, V), (B, k, V)
+    draw()
+    d0, _ = choose(slots[:, 0] if paper else mix(ar_last, slots[:, 0], beta), temperature, top_k, u[:, 0])  # (B,)
+    drafts, q = choose(slots[:, 1:], temperature, top_k, u[:, 1:k])  # d_1 .. d_{k-1} (B, k-1), drawn from q (B, k-1, V)
+
+    def step():
+        L = cache.length  # (B,)
+        # 1. Draft and pre-draft in one forward: d_0 .. d_{k-1} at L .. L+k-1 (causal), then blocks 1 .. k;
+        #    block b (positions L+b .. L+b+k-1) sees the cache and d_0 .. d_{b-1}: it is the pre-draft for
+        #    "d_0 .. d_{b-1} accepted". All T tokens' K/V are written to the cache past its committed length.
+        d = torch.cat([d0[:, None], drafts], dim=1)  # (B, k)
+        pos, mask = decode_step_positions(L, k, cache.device), decode_step_mask(L, k, cache.max_len, cache.device)
+        logits = model(torch.cat([d, masks], dim=1), pos, mask, cache)  # (B, T, V)
+        ar, blocks = logits[:, :k], logits[:, k:].view(B, k, k, -1)  # ar[:, j]: after d_j; blocks[:, b-1]: block b
+        target = mix(ar, blocks[:, :, 0], beta)  # (B, k, V): row j for position L+j+1, where block j+1's slot 0 is too
+
+        # 2. Verify d_1 .. d_{k-1} in order against the AR output one position earlier; stop at the first
+        #    rejection. 3. Decide y at L+n+1: the correction, or the bonus token when all were accepted.
+        n, y = verify(probabilities(target, 0.0 if paper else temperature, top_k), q, drafts, u[:, :k])  # (B,) each
+        chosen = blocks[rows, n]  # (B, k, V): block n+1, whose context is exactly the tokens now committed
+        if paper:  # the authors' rule: drafts pass by argmax match, and y is slot 0 of block n+1, unverified
+            y, _ = choose(chosen[:, 0], temperature, top_k, u[:, -1])
+
+        # 4. Commit d_0 .. d_n: their K/V, written by this forward with causal attention, are what an AR
+        #    model would have written. Everything after them (rejected drafts, all masks) is rolled back.
+        cache.length.copy_(torch.minimum(L + n + 1, last))
+
+        # 5. Next state: d_0 = y; the drafts are slots 1 .. k-1 of block n+1 (its slot 0 sat at y's position,
+        #    so not slots 0 .. k-2).
+        next_drafts, next_q = choose(chosen[:, 1:], temperature, top_k, u[:, k : 2 * k - 1])
+        d0.copy_(y)
+        drafts.copy_(next_drafts)
+        q.copy_(next_q)
+        return d, n, y
+
+    out, traces = run(step, d0, draw, max_new_tokens, config.eot_id, capture)
+    stats = [dict(forwards=1 + len(t), committed=[n + 1 for _, n, _ in t], trace=t) for t in traces]
+    return (out[0], stats[0]) if one else (out, stats)
+
+
+@torch.no_grad()
+def generate_speculative(
+    target, drafter, prompt_ids, max_new_tokens, draft_len=4, temperature=0.0, top_k=None, generator=None, capture=True
+):
+    """
+    Classic speculative decoding (Leviathan et al., 2023), the baseline the paper compares TiDAR with: a
+    separate small AR model proposes d_1 .. d_k one forward at a time, and the target verifies d_0 .. d_k
+    in one causal forward, with the same verify and the same cache; lossless like TiDAR with beta = 1.
+    Returns what generate_tidar returns; stats["drafter_forwards"] counts the drafter's forwards.
+    """
+    config, k = target.config, draft_len
+    if drafter.config.vocab_size != config.vocab_size:
+        raise ValueError(f"the drafter's vocabulary ({drafter.config.vocab_size}) is not the target's "
+                         f"({config.vocab_size}): train it on the same data")
+    prompts, one = as_batch(prompt_ids, config.eot_id)
+    for c in (config, drafter.config):
+        check_request(c, prompts, max_new_tokens, temperature, top_k, k + 1, k)
+    B = len(prompts)
+    cache, last = new_cache(target, prompts, max_new_tokens, k + 1)
+    small, _ = new_cache(drafter, prompts, max_new_tokens, k + 1)  # the drafter's own cache
+    u, draw = uniforms(B, 2 * k + 1, temperature, generator, cache.device)
+    rows, offsets = torch.arange(B, device=cache.device), torch.arange(k + 1, device=cache.device)
+    logits, _ = prefill(target, prompts, 0, cache)  # (B, V)
+    prefill(drafter, prompts, 0, small)
+    d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (B,)
+    c = torch.tensor([p[-1] for p in prompts], device=cache.device)  # (B,): the last committed token
+
+    def step():
+        L = cache.length  # (B,)
+        # 1. Draft: the drafter reads the last committed token again (its cache is rolled back to just before
+        #    it, which is all the bookkeeping it needs) and d_0, then proposes d_1 .. d_k, one forward each.
+        small.length.copy_(L - 1)
+        tokens, drafts, qs = torch.stack([c, d0], dim=1), [], []  # (B, 2)
+        for j in range(k):
+            S, t = small.length, tokens.size(1)
+            out = drafter(tokens, S[:, None] + offsets[:t], causal_mask(t, S, small.max_len, cache.device), small)
+            small.length.copy_(S + t)
+            token, q = choose(out[:, -1], temperature, top_k, u[:, k + 1 + j])  # (B,), (B, V)
+            tokens = token[:, None]
+            drafts.append(token)
+            qs.append(q)
+        drafts, q = torch.stack(drafts, dim=1), torch.stack(qs, dim=1)  # (B, k), (B, k, V)
+        #    The target reads d_0 .. d_k in one causal forward: its output after d_j is for position L+j+1.
+        d = torch.cat([d0[:, None], drafts], dim=1)  # (B, k+1)
+        logits = target(d, L[:, None] + offsets, causal_mask(k + 1, L, cache.max_len, cache.device), cache)
+
+        # 2. Verify d_1 .. d_k and 3. decide y, exactly as TiDAR does.
+        n, y = verify(probabilities(logits, temperature, top_k), q, drafts, u[:, : k + 1])
+        # 4. Commit d_0 .. d_n, roll back the rest. 5. Next: d_0 = y, after the last committed token d_n.
+        cache.length.copy_(torch.minimum(L + n + 1, last))
+        c.copy_(d[rows, n])
+        d0.copy_(y)
+        return d, n, y
+
+    out, traces = run(step, d0, draw, max_new_tokens, config.eot_id, capture)
+    stats = [dict(forwards=1 + len(t), drafter_forwards=1 + k * len(t), committed=[n + 1 for _, n, _ in t], trace=t)
+             for t in traces]
+    return (out[0], stats[0]) if one else (out, stats)
+
+
+# -----------------------------------------------------------------------------
+# Verification, and the distributions. Greedy decoding is the same code as sampling: its distributions are
+# one-hot at the argmax and its random numbers are 0, so a draft is accepted iff it is the argmax, and the
+# correction or bonus token is the argmax. The target (AR) and the draft (diffusion) distributions go
+# through the same function, so the q used to accept a draft is exactly the one it was drawn from.
+
+
+def verify(p, q, drafts, u):
+    """
+    Steps 2 and 3, for every row at once. p (B, K+1, V): row j is the target distribution of the position
+    after d_j. drafts (B, K) = d_1 .. d_K, drawn from q (B, K, V); u (B, K+1) uniforms in [0, 1).
+    d_j is accepted when u < min(1, p/q), and n is the length of the leading run of acceptances; y, at the
+    position after d_n, is drawn from normalize(max(0, p - q)) after a rejection, or from p itself when all
+    were accepted (the bonus token: there is no q there, the same formula with q = 0). Returns (n, y), (B,) each.
+    (choice) This is standard speculative sampling, which the paper cites but does not spell out: the
+    output is then distributed exactly as AR sampling from the same model.
+    """
+    K = drafts.size(1)
+    accepted = u[:, :K] < accept_probability(p[:, :K], q, drafts)  # (B, K)
+    n = accepted.long().cumprod(dim=1).sum(dim=1)  # (B,)
+    rows = torch.arange(p.size(0), device=p.device)
+    q = F.pad(q, (0, 0, 0, 1))  # (B, K+1, V): a zero row after the last draft, for the bonus
+    return n, sample(residual(p[rows, n], q[rows, n]), u[:, K])
+
+
+def accept_probability(p, q, tokens):
+    """A token drawn from q is kept with probability min(1, p/q): p, q (..., V), tokens (...)."""
+    t = tokens[..., None]
+    return (p.gather(-1, t) / q.gather(-1, t)).clamp(max=1.0)[..., 0]
+
+
+def residual(p, q):
+    """What to sample after a rejection: normalize(max(0, p - q)). Then P(output = x) = p(x) exactly."""
+    r = (p - q).clamp(min=0)
+    total = r.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, r / total, p)  # total = 0 only when p == q, where no draft is ever rejected
 
 
 def probabilities(logits, temperature, top_k):
+    """The distribution to draw from, (..., V): softmax(logits / temperature) over the top_k; one-hot when greedy."""
+    if temperature == 0:
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -33,12 +231,16 @@ def probabilities(logits, temperature, top_k):
     return F.softmax(logits, dim=-1)
 
 
-def choose(logits, temperature, top_k, generator):
-    """Tokens for logits (..., V) and the distribution they were drawn from (None when greedy)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1), None
-    p = probabilities(logits, temperature, top_k)
-    return torch.multinomial(p.view(-1, p.size(-1)), 1, generator=generator).view(p.shape[:-1]), p
+def sample(p, u):
+    """Draw from p (..., V) with uniforms u (...) by inverting the cumulative distribution (no host sync)."""
+    cdf = p.cumsum(dim=-1)
+    return (cdf <= u[..., None] * cdf[..., -1:]).sum(dim=-1).clamp(max=p.size(-1) - 1)  # u = 0: a one-hot's token
+
+
+def choose(logits, temperature, top_k, u):
+    """Tokens for logits (..., V) and the distribution they were drawn from."""
+    q = probabilities(logits, temperature, top_k)
+    return sample(q, u), q
 
 
 def mix(ar_logits, diffusion_logits, beta):
@@ -46,64 +248,76 @@ def mix(ar_logits, diffusion_logits, beta):
     return ar_logits if beta == 1 else beta * ar_logits + (1 - beta) * diffusion_logits
 
 
-# (choice, TIDAR.md section 3) Verification when sampling is standard speculative sampling, which the paper
-# cites but does not spell out: the output is then distributed exactly as AR sampling from the same model.
-
-
-def accept_probability(p, q, token):
-    """A draft drawn from q is kept with probability min(1, p/q)."""
-    return torch.clamp(p[token] / q[token], max=1.0)
-
-
-def residual(p, q):
-    """What to sample after a rejection: normalize(max(0, p - q)). Then P(output = x) = p(x) exactly."""
-    r = (p - q).clamp(min=0)
-    total = r.sum()
-    return r / total if total > 0 else p  # total = 0 only when p == q, where no draft is ever rejected
-
-
-def verify(target, drafts, q, temperature, top_k, generator):
-    """
-    Steps 2 and 3. target (k, V): row j is the distribution of position L+j+1 (AR output after d_j).
-    drafts (k-1,) = d_1 .. d_{k-1}, drawn from q (k-1, V). Returns (n, y): the number of drafts accepted
-    (stopping at the first rejection), and the next token y at position L+n+1.
-    """
-    k = target.size(0)
-    if temperature == 0:
-        best = target.argmax(dim=-1)  # (k,)
-        n = int((drafts == best[: k - 1]).cumprod(dim=0).sum())  # leading drafts equal to the AR argmax
-        return n, int(best[n])  # the correction at the first mismatch, or the bonus token
-    p = probabilities(target, temperature, top_k)  # (k, V)
-    for j in range(k - 1):
-        u = torch.rand((), device=p.device, generator=generator)
-        if u >= accept_probability(p[j], q[j], drafts[j]):  # rejected: y from the residual
-            return j, int(torch.multinomial(residual(p[j], q[j]), 1, generator=generator))
-    return k - 1, int(torch.multinomial(p[k - 1], 1, generator=generator))  # all accepted: the bonus
-
-
 # -----------------------------------------------------------------------------
-# The two decoders
+# Plumbing shared by the decoders: requests, the cache, the prefill, the random numbers, the loop
 
 
-def check_request(config, prompt_ids, max_new_tokens, temperature, top_k, k=0, beta=1.0):
-    """Bad requests fail before decoding starts, each with a message that says what to change. k = 0: AR."""
-    P = len(prompt_ids)
-    if not all(0 <= t < config.vocab_size for t in prompt_ids):  # [MASK] = vocab_size is no prompt token
-        got = f"{min(prompt_ids)}..{max(prompt_ids)}"
-        raise ValueError(f"prompt token ids must lie in [0, {config.vocab_size}), got {got}")
+def as_batch(prompt_ids, eot_id):
+    """One prompt (a list of ids) or a batch (a list of lists) -> (list of prompts, whether it was one)."""
+    one = len(prompt_ids) == 0 or not isinstance(prompt_ids[0], (list, tuple))
+    return [list(p) or [eot_id] for p in ([prompt_ids] if one else prompt_ids)], one
+
+
+def check_request(config, prompts, max_new_tokens, temperature, top_k, room=0, k=1, beta=1.0, rule="lossless"):
+    """Bad requests fail before decoding starts, each with a message that says what to change. room: the
+    positions a step reaches past the last token (2k for TiDAR: its last block ends at L + 2k - 1)."""
+    ids = [t for p in prompts for t in p]
+    if not all(isinstance(t, int) and 0 <= t < config.vocab_size for t in ids):  # [MASK] = vocab_size is no prompt token
+        raise ValueError(f"prompt token ids must be ints in [0, {config.vocab_size}), got {min(ids)}..{max(ids)}")
+    if k < 1:
+        raise ValueError(f"draft_len must be at least 1, got {k}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1 (or unset), got {top_k}")
     if not 0 <= beta <= 1:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    if P + max_new_tokens + 2 * k > config.seq_len:  # the last step's blocks reach position L + 2k - 1
+    if rule not in ("lossless", "paper"):
+        raise ValueError(f"rule must be 'lossless' or 'paper', got {rule!r}")
+    P = max(len(p) for p in prompts)
+    if P + max_new_tokens + room > config.seq_len:
+        drafts = f" + room for the drafts ({room})" if room else ""
         raise ValueError(
-            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) + 2*draft_len ({2 * k}) = "
-            f"{P + max_new_tokens + 2 * k} exceeds the model's context of {config.seq_len}: shorten one of them"
+            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}){drafts} = {P + max_new_tokens + room} "
+            f"exceeds the model's context of {config.seq_len}: shorten one of them"
         )
+
+
+def new_cache(model, prompts, max_new_tokens, T):
+    """
+    A static cache for the batch, with room for T tokens per forward, and `last`, the longest committed
+    length a row can need (its prompt and max_new_tokens - 1 tokens: the last token is never fed back).
+    (choice) A row that is done keeps its slot: commits stop at `last`, so its steps stay inside the
+    buffer and the context, and its outputs are ignored.
+    """
+    device, dtype = next((p.device, p.dtype) for p in model.parameters())
+    cache = KVCache(model.config, len(prompts), max(map(len, prompts)) + max_new_tokens + T, device, dtype)
+    return cache, torch.tensor([len(p) + max_new_tokens - 1 for p in prompts], device=device)
+
+
+def prefill(model, prompts, k, cache):
+    """
+    The first forward, for the whole batch: each prompt (causal), then k masks at positions P .. P+k-1 that
+    see the whole prompt and each other (k = 0 for AR); shorter prompts are padded with more masks. Keeps
+    the prompts' K/V. Returns the AR logits after each prompt's last token (B, V) and the k slots (B, k, V).
+    """
+    P = torch.tensor([len(p) for p in prompts], device=cache.device)  # (B,)
+    W = max(len(p) for p in prompts) + k
+    idx = torch.tensor([p + [model.config.mask_id] * (W - len(p)) for p in prompts], device=cache.device)  # (B, W)
+    mask = prefill_mask(P, k, W, cache.max_len, cache.device)  # (B, W, max_len)
+    logits = model(idx, torch.arange(W, device=cache.device), mask, cache)  # (B, W, V); mask s sits at P + s
+    cache.length.copy_(P)  # the masks and the padding were scratch
+    rows = torch.arange(len(prompts), device=cache.device)[:, None]
+    return logits[rows[:, 0], P - 1], logits[rows, P[:, None] + torch.arange(k, device=cache.device)]
+
+
+def uniforms(B, n, temperature, generator, device):
+    """The random numbers of a step, (B, n), in one tensor that stays in place (a captured step reads it
+    there), and draw(), which refills it. Greedy draws none: all zeros, and u = 0 picks a one-hot's token."""
+    u = torch.zeros(B, n, device=device)
+    return u, lambda: u.uniform_(generator=generator) if temperature > 0 else u
 
 
 def trim(out, eot_id, max_new_tokens):
@@ -114,108 +328,74 @@ def trim(out, eot_id, max_new_tokens):
     return out[:max_new_tokens], eot_id in out or len(out) >= max_new_tokens
 
 
-@torch.no_grad()
-def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, generator=None):
-    """Plain AR decoding with a KV cache, one token per forward: the reference. Returns the new token ids.
-    (choice) An empty prompt means "start of a document": it becomes [<|endoftext|>], as in GPT-2."""
-    config, (device, dtype) = model.config, next((p.device, p.dtype) for p in model.parameters())
-    prompt_ids = list(prompt_ids) or [config.eot_id]
-    check_request(config, prompt_ids, max_new_tokens, temperature, top_k)
-    P = len(prompt_ids)
-    cache = KVCache(config, P + max_new_tokens, device=device, dtype=dtype)
-    positions = torch.arange(config.seq_len, device=device)
-    sees_all = torch.ones(1, cache.max_len, dtype=torch.bool, device=device)
-    idx = torch.tensor([prompt_ids], device=device)
-    logits = model(idx, positions[:P], causal_mask(P, device=device), cache, n_causal=P)  # (1, P, V)
-    out = []
-    while True:
-        token, _ = choose(logits[0, -1], temperature, top_k, generator)
-        out, done = trim(out + [int(token)], config.eot_id, max_new_tokens)
-        if done:
-            return out
-        L = cache.length
-        logits = model(token.view(1, 1), positions[L : L + 1], sees_all[:, : L + 1], cache, n_causal=1)
-
-
-@torch.no_grad()
-def generate_tidar(
-    model, prompt_ids, max_new_tokens, draft_len=None, temperature=0.0, top_k=None, beta=1.0, generator=None
-):
+def run(step, d0, draw, max_new_tokens, eot_id, capture):
     """
-    TiDAR decoding. Returns (new_token_ids, stats): stats["forwards"] counts forward passes (prefill
-    included), stats["committed"] the tokens each step committed (n + 1), stats["trace"] per step the
-    tokens d_0 .. d_{k-1}, n and y (for sample.py --show). Stops like generate_ar.
+    The loop around a decoder's step: draw the step's random numbers, step, and read back, once per step,
+    what the host needs: the tokens fed d (B, K+1), the accepted count n and the decided y. Each live row
+    gets d_1 .. d_n, y; a row stops at <|endoftext|> or max_new_tokens. Returns per row the new tokens and
+    the trace [(d, n, y)] of its steps.
     """
-    config, (device, dtype) = model.config, next((p.device, p.dtype) for p in model.parameters())
-    k = draft_len if draft_len is not None else config.block_len
-    prompt_ids = list(prompt_ids) or [config.eot_id]
-    if k < 1:
-        raise ValueError(f"draft_len must be at least 1, got {k}")
-    check_request(config, prompt_ids, max_new_tokens, temperature, top_k, k, beta)
-    P, m = len(prompt_ids), config.mask_id
-    cache = KVCache(config, P + max_new_tokens + k, device=device, dtype=dtype)
-    stats = {"forwards": 1, "committed": [], "trace": []}
+    out, done = map(list, zip(*(trim([t], eot_id, max_new_tokens) for t in d0.tolist())))  # d_0, from the prefill
+    traces = [[] for _ in out]
+    if capture and d0.is_cuda:
+        step = cuda_graph(step)
+    while not all(done):
+        draw()
+        d, n, y = step()
+        for b, (*d_b, n_b, y_b) in enumerate(torch.cat([d, n[:, None], y[:, None]], dim=1).tolist()):  # the sync
+            if not done[b]:
+                traces[b].append((d_b, n_b, y_b))
+                out[b], done[b] = trim(out[b] + d_b[1 : n_b + 1] + [y_b], eot_id, max_new_tokens)
+    return out, traces
 
-    # Prefill: the prompt (causal) and k masks at positions P .. P+k-1 that see the whole prompt and each
-    # other. Only the prompt's K/V enter the cache (n_causal = P).
-    idx = torch.tensor([prompt_ids + [m] * k], device=device)
-    pos = torch.arange(P + k, device=device)
-    logits = model(idx, pos, prefill_mask(P, k, device), cache, n_causal=P)[0]  # (P + k, V)
-    d0, _ = choose(mix(logits[P - 1], logits[P], beta), temperature, top_k, generator)  # AR output at p_{P-1}
-    drafts, q = choose(logits[P + 1 :], temperature, top_k, generator)  # d_1 .. d_{k-1} from mask slots 1 .. k-1
-    out, done = trim([int(d0)], config.eot_id, max_new_tokens)
 
-    # The paper's mask trick: every step has the same k + k*k queries, so the mask's square part never
-    # changes and its cache columns are all True. Build one wide mask once and slice off its last L + T columns.
-    T = k + k * k
-    step_mask = torch.ones(T, cache.max_len + T, dtype=torch.bool, device=device)
-    step_mask[:, cache.max_len :] = decode_step_mask(0, k, device)
-    step_positions = decode_step_positions(0, k, device)  # (T,), relative to L
-    blocks_of_masks = torch.full((k * k,), m, device=device)  # (k*k,)
+def cuda_graph(step):
+    """
+    step() replayed from a CUDA graph: its kernels are recorded once and relaunched by one call, so a step
+    of a small model costs the GPU's time instead of Python's. This works because a step's shapes never
+    change and it reads and writes only tensors that stay in place (the cache, the state, the uniforms).
+    The first call is a real step, run eagerly on a side stream (the warm-up capture requires); it then
+    records the graph, and every later call replays it and returns the same output tensors, refilled.
+    """
+    graph, outputs = None, None
 
-    while not done:
-        L = cache.length
-        # 1. Draft and pre-draft in one forward: d_0 .. d_{k-1} at L .. L+k-1 (causal), then blocks 1 .. k;
-        #    block b (positions L+b .. L+b+k-1) sees the cache and d_0 .. d_{b-1}: it is the pre-draft for
-        #    "d_0 .. d_{b-1} accepted". The d tokens' K/V are written to the cache (n_causal = k).
-        d = torch.cat([d0.view(1), drafts])  # (k,)
-        idx = torch.cat([d, blocks_of_masks]).view(1, T)
-        logits = model(idx, L + step_positions, step_mask[:, cache.max_len - L :], cache, n_causal=k)[0]  # (T, V)
-        stats["forwards"] += 1
-        ar, blocks = logits[:k], logits[k:].view(k, k, -1)  # ar[j]: after d_j; blocks[b-1]: block b, (k, V)
-        target = mix(ar, blocks[:, 0], beta)  # (k, V): row j for position L+j+1; slot 0 of block j+1 is there too
+    def replay():
+        nonlocal graph, outputs
+        if graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                result = step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = step()
+            return result
+        graph.replay()
+        return outputs
 
-        # 2. Verify d_1 .. d_{k-1} in order against the AR output one position earlier; stop at the first
-        #    rejection. 3. Decide y at L+n+1: the correction, or the bonus token when all were accepted.
-        n, y = verify(target, drafts, q, temperature, top_k, generator)
-
-        # 4. Commit d_0 .. d_n: their K/V, written by this forward with causal attention, are what an AR
-        #    model would have written. Roll back the rest; no [MASK] K/V was ever written.
-        cache.rollback(L + n + 1)
-        d_list = d.tolist()
-        stats["committed"].append(n + 1)
-        stats["trace"].append((d_list, n, y))
-        out, done = trim(out + d_list[1 : n + 1] + [y], config.eot_id, max_new_tokens)
-
-        # 5. Next state: d_0 = y; the drafts come from block n+1, whose context was exactly the tokens now
-        #    committed. Its slot 0 sat at y's position, so the drafts are slots 1 .. k-1, not 0 .. k-2.
-        d0 = torch.tensor(y, device=device)
-        drafts, q = choose(blocks[n, 1:], temperature, top_k, generator)
-    return out, stats
+    return replay
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
 parser = argparse.ArgumentParser(description="TiDAR decoding of a checkpoint written by train.py")
-parser.add_argument("--prompt", default="", help='text, or FILE:path; empty = start of a document (<|endoftext|>)')
+parser.add_argument("--prompt", default="", help="text, or FILE:path (prompts separated by lines "
+                    "'<|endoftext|>'); empty = start of a document")
 parser.add_argument("--out_dir", default="out", help="folder with ckpt.pt")
-parser.add_argument("--num_samples", type=int, default=1)
-parser.add_argument("--max_new_tokens", type=int, default=256)
+parser.add_argument("--num_samples", type=int, default=1, help="how many times to decode, each with its own seed")
+parser.add_argument("--batch_size", type=int, default=1, help="sequences decoded together: copies of the prompt, "
+                    "or the prompts of a FILE: that holds several, this many at a time")
+parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 256, or what the model's context leaves")
 parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
 parser.add_argument("--top_k", type=int, default=None)
 parser.add_argument("--draft_len", type=int, default=None, help="k; default: the block length B of training")
 parser.add_argument("--beta", type=float, default=1.0, help="1 = trust AR (lossless); < 1 mixes in the drafts")
+parser.add_argument("--rule", default="lossless", choices=["lossless", "paper"],
+                    help="paper: the authors' released rule, which commits slot 0 of each block unverified")
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="float32 keeps --compare's identity exact; bfloat16 is faster on a GPU")
 parser.add_argument("--seed", type=int, default=1337)
 parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
 parser.add_argument("--compare", action="store_true", help="also decode with plain AR and compare")
@@ -227,7 +407,7 @@ def fail(message):
     sys.exit(2)
 
 
-def load_checkpoint(out_dir, device):
+def load_checkpoint(out_dir, device, dtype=torch.float32):
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}: train one first with `python train.py` (or pass --out_dir)")
@@ -236,7 +416,7 @@ def load_checkpoint(out_dir, device):
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as e:
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
         fail(f"cannot load {path} ({why}): retrain or pick another --out_dir")
     try:
         enc = get_tokenizer(ckpt["tokenizer"])
@@ -248,7 +428,23 @@ def load_checkpoint(out_dir, device):
             f"but tokenizer {ckpt['tokenizer']!r} has {enc.n_vocab} and {enc.eot_token}: "
             "the checkpoint does not match its tokenizer"
         )
-    return model.to(device).eval(), enc
+    return model.to(device, dtype).eval(), enc
+
+
+def read_prompts(text, enc, batch_size):
+    """The batch of prompt ids: the prompts of a FILE: that holds several, or batch_size copies of one."""
+    if text.startswith("FILE:"):
+        try:
+            with open(text[5:], encoding="utf-8") as f:
+                texts = [t for t in re.split(r"^<\|endoftext\|>\n?", f.read(), flags=re.M) if t] or [""]
+        except OSError as e:
+            fail(f"cannot read prompt file {text[5:]!r}: {e.strerror}")
+        except UnicodeDecodeError:
+            fail(f"prompt file {text[5:]!r} is not UTF-8 text: save it as UTF-8")
+    else:
+        texts = [text]
+    texts = texts if len(texts) > 1 else texts * batch_size
+    return texts, [enc.encode(t, allowed_special="all") for t in texts]
 
 
 def show_step(enc, d, n, y, colour):
@@ -265,58 +461,68 @@ def show_step(enc, d, n, y, colour):
     return "".join(plain.format(s) for s, _, plain in parts if s)
 
 
+def timed(decode, device):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    result = decode()
+    sync()
+    return result, time.perf_counter() - t0
+
+
 def main(args):
     try:
         args.device = pick_device(args.device)
     except ValueError as e:
         fail(str(e))
-    text = args.prompt
-    if text.startswith("FILE:"):
-        try:
-            with open(text[5:], encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            fail(f"cannot read prompt file {text[5:]!r}: {e.strerror}")
-    if args.num_samples < 1:
-        fail(f"--num_samples must be at least 1, got {args.num_samples}")
-    model, enc = load_checkpoint(args.out_dir, args.device)
-    prompt_ids = enc.encode(text, allowed_special="all")
+    for name in ("num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    model, enc = load_checkpoint(args.out_dir, args.device, getattr(torch, args.dtype))
+    texts, prompts = read_prompts(args.prompt, enc, args.batch_size)
+    if args.max_new_tokens is None:  # what fits beside the longest prompt and the drafts' room, at most 256
+        room = 2 * (args.draft_len or model.config.block_len)
+        args.max_new_tokens = max(1, min(256, model.config.seq_len - room - max(len(p) or 1 for p in prompts)))
     generator = torch.Generator(device=args.device)
-    colour = sys.stdout.isatty()
+    colour, eot = sys.stdout.isatty(), model.config.eot_id
+    k = args.draft_len or model.config.block_len
     options = dict(temperature=args.temperature, top_k=args.top_k)
-    for sample in range(args.num_samples):
-        generator.manual_seed(args.seed + sample)
-        try:
-            if args.compare and sample == 0:  # warm up both, so that neither timing pays for first-call setup
-                generate_tidar(model, prompt_ids, 2, args.draft_len, **options)
-                generate_ar(model, prompt_ids, 2, **options)
-            t0 = time.perf_counter()
-            out, stats = generate_tidar(
-                model, prompt_ids, args.max_new_tokens, args.draft_len, beta=args.beta, generator=generator, **options
-            )
-        except ValueError as e:
-            fail(str(e))
-        seconds = time.perf_counter() - t0
-        if args.show:
-            print(f"each step: d_0 (bold), accepted drafts (green{'' if colour else ' as is'}), rejected drafts "
-                  f"({'red' if colour else '[-...-]'}), the decided next token ({'yellow' if colour else '{+...+}'})")
-            for s, (d, n, y) in enumerate(stats["trace"], 1):
-                print(f"step {s:3d} | {show_step(enc, d, n, y, colour)}")
-            print("-" * 60)
-        print(text + enc.decode([t for t in out if t != model.config.eot_id]))
-        k = args.draft_len or model.config.block_len
-        hist = [stats["committed"].count(c) for c in range(1, k + 1)]
-        print(f"--- TiDAR: {len(out)} new tokens, {stats['forwards']} forwards, "
-              f"{len(out) / stats['forwards']:.2f} tokens/forward, steps committing 1..{k} tokens: {hist}, "
-              f"{len(out) / seconds:.1f} tokens/s on {args.device}")
-        if args.compare:
-            generator.manual_seed(args.seed + sample)
-            t0 = time.perf_counter()
-            ar_out = generate_ar(model, prompt_ids, args.max_new_tokens, generator=generator, **options)
-            ar_seconds = time.perf_counter() - t0
-            same = f", outputs identical: {ar_out == out}" if args.temperature == 0 else ""
-            print(f"--- AR: {len(ar_out)} new tokens, {len(ar_out) / ar_seconds:.1f} tokens/s; "
-                  f"TiDAR/AR speed: {(len(out) / seconds) / (len(ar_out) / ar_seconds):.2f}x{same}")
+    for sample_idx in range(args.num_samples):
+        for start in range(0, len(prompts), args.batch_size):
+            batch, batch_texts = prompts[start : start + args.batch_size], texts[start : start + args.batch_size]
+            try:
+                if args.compare and sample_idx == 0 and start == 0:  # warm up both: first calls pay for setup
+                    generate_tidar(model, batch, 2, args.draft_len, rule=args.rule, **options)
+                    generate_ar(model, batch, 2, **options)
+                generator.manual_seed(args.seed + sample_idx)
+                (outs, stats), seconds = timed(lambda: generate_tidar(
+                    model, batch, args.max_new_tokens, args.draft_len, beta=args.beta, rule=args.rule,
+                    generator=generator, **options), args.device)
+            except ValueError as e:
+                fail(str(e))
+            for row, (text, out, st) in enumerate(zip(batch_texts, outs, stats)):
+                if args.show:
+                    print(f"each step: d_0 (bold), accepted drafts (green{'' if colour else ' as is'}), rejected "
+                          f"drafts ({'red' if colour else '[-...-]'}), the decided next token "
+                          f"({'yellow' if colour else '{+...+}'})")
+                    for s, (d, n, y) in enumerate(st["trace"], 1):
+                        print(f"step {s:3d} | {show_step(enc, d, n, y, colour)}")
+                    print("-" * 60)
+                print(text + enc.decode([t for t in out if t != eot]))
+                hist = [st["committed"].count(c) for c in range(1, k + 1)]
+                print(f"--- TiDAR: {len(out)} new tokens, {st['forwards']} forwards, "
+                      f"{len(out) / st['forwards']:.2f} tokens/forward, steps committing 1..{k} tokens: {hist}")
+            n_tokens = sum(map(len, outs))
+            print(f"--- TiDAR ({args.rule}): {n_tokens} new tokens in {seconds:.2f} s, {n_tokens / seconds:.1f} "
+                  f"tokens/s on {args.device}, batch of {len(batch)}")
+            if args.compare:
+                generator.manual_seed(args.seed + sample_idx)
+                ar_outs, ar_seconds = timed(lambda: generate_ar(
+                    model, batch, args.max_new_tokens, generator=generator, **options), args.device)
+                ar_tokens = sum(map(len, ar_outs))
+                same = f", outputs identical: {ar_outs == outs}" if args.temperature == 0 else ""
+                print(f"--- AR: {ar_tokens} new tokens, {ar_tokens / ar_seconds:.1f} tokens/s; TiDAR/AR speed: "
+                      f"{(n_tokens / seconds) / (ar_tokens / ar_seconds):.2f}x{same}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""TIDAR.md section 4, the decoding side: properties 4-10 and 12, the CLI and its bad inputs."""
+"""The decoding side of the README's "Tests" section: training = decoding, cached = uncached, exact rollback,
+lossless greedy and sampling, one forward per step, stopping, batches, the two rules, speculative decoding,
+the CLI and its bad inputs."""
 import math
 import os
 import subprocess
@@ -11,7 +13,7 @@ import torch
 import sample
 from conftest import BYTE_MODEL, write_checkpoint
 import tidar
-from sample import accept_probability, generate_ar, generate_tidar, residual
+from sample import accept_probability, generate_ar, generate_speculative, generate_tidar, residual
 from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions, prefill_mask, tidar_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,23 +21,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class Drafts(torch.nn.Module):
     """
-    Wraps a model and overrides what its [MASK] slots say, to force the verifier's hand: 'oracle' drafts
-    the true next tokens (everything is accepted), 'garbage' a wrong token (everything is rejected),
-    'noisy' is right at some positions and wrong at others. The AR rows are untouched.
+    Wraps a model and overrides what its [MASK] slots say, row by row, to force the verifier's hand:
+    'oracle' drafts the true next tokens (everything is accepted), 'garbage' a wrong token (everything is
+    rejected), 'noisy' is right at some positions and wrong at others, 'model' leaves the row alone.
+    truths: per row, the prompt and the AR model's continuation. The AR rows are untouched.
     """
 
-    def __init__(self, model, truth, mode):
+    def __init__(self, model, truths, modes):
         super().__init__()
-        self.model, self.config, self.truth, self.mode = model, model.config, truth, mode
+        self.model, self.config, self.truths, self.modes = model, model.config, truths, modes
 
-    def forward(self, idx, pos, mask, cache=None, n_causal=0):
-        logits = self.model(idx, pos, mask, cache, n_causal)
-        for t in (idx[0] == self.config.mask_id).nonzero().flatten().tolist():
-            p = int(pos[t])
-            right = self.truth[p] if p < len(self.truth) else 0
-            wrong = self.mode == "garbage" or (self.mode == "noisy" and p in (7, 8, 13, 21, 22, 23, 27))
-            logits[0, t] = -30.0
-            logits[0, t, (right + 1) % self.config.vocab_size if wrong else right] = 30.0
+    def forward(self, idx, pos, mask, cache=None):
+        logits = self.model(idx, pos, mask, cache)
+        pos = pos.expand(idx.shape)
+        for b, t in (idx == self.config.mask_id).nonzero().tolist():
+            truth, mode, p = self.truths[b], self.modes[b], int(pos[b, t])
+            if mode == "model":
+                continue
+            right = truth[p] if p < len(truth) else 0
+            wrong = mode == "garbage" or (mode == "noisy" and p in (7, 8, 13, 21, 22, 23, 27))
+            logits[b, t] = -30.0
+            logits[b, t, (right + 1) % self.config.vocab_size if wrong else right] = 30.0
         return logits
 
 
@@ -60,50 +66,115 @@ def test_training_blocks_equal_prefill_forwards(tiny):
 def test_decode_blocks_equal_fresh_prefills(tiny):
     prompt, d = [1, 2, 3, 4, 5], [6, 7, 8, 9]
     k, m = len(d), tiny.config.mask_id
-    cache = KVCache(tiny.config, 32, dtype=torch.float64)
-    tiny(torch.tensor([prompt]), torch.arange(5), causal_mask(5), cache, n_causal=5)
+    cache = KVCache(tiny.config, 1, 32, dtype=torch.float64)
+    tiny(torch.tensor([prompt]), torch.arange(5), causal_mask(5, 0, 32), cache)
+    cache.length.fill_(5)
     idx = torch.tensor([d + [m] * k * k])
-    step = tiny(idx, decode_step_positions(5, k), decode_step_mask(5, k), cache, n_causal=k)[0]
+    step = tiny(idx, decode_step_positions(cache.length, k), decode_step_mask(cache.length, k, 32), cache)[0]
     for b in range(1, k + 1):  # block b: the pre-draft for "d_0 .. d_{b-1} accepted"
         seen = prompt + d[:b]
         fresh = tiny(torch.tensor([seen + [m] * k]), torch.arange(len(seen) + k), prefill_mask(len(seen), k))[0]
         torch.testing.assert_close(step[k * b : k * (b + 1)], fresh[len(seen) :], rtol=0, atol=1e-12)
 
 
-# --- 5, 6 and 10 inside a real generation: cached = uncached, exact rollback, one forward per step
+# --- 5, 6, 10 and 14 inside real generations: cached = uncached, exact rollback, one forward per step,
+# and rows of a batch as independent as if each were decoded alone
 
 
-def test_every_step_is_one_exact_cached_forward(tiny, monkeypatch):
-    """After every rollback the cache holds exactly the K/V of a fresh causal forward over the committed
-    tokens. (No [MASK] K/V can be left behind after a full acceptance: masks are never written, n_causal = k.)"""
-    prompt, k = random_prompt(0), 4
-    truth = prompt + generate_ar(tiny, prompt, 30)
-    model = Drafts(tiny, truth, "noisy")  # a mix of zero, partial and full acceptances
-    calls, rollbacks = [], []
-    model.register_forward_hook(lambda mod, args, out: calls.append((args[0].clone(), args[1].clone(), out[0].clone())))
-    original = KVCache.rollback
+def fresh_kv(model, tokens):
+    """K/V of one causal forward over `tokens`, with no cache: what a cache holding them must equal."""
+    cache = KVCache(model.config, 1, len(tokens), dtype=torch.float64)
+    model(torch.tensor([tokens]), torch.arange(len(tokens)), causal_mask(len(tokens)), cache)
+    return cache.k[:, 0], cache.v[:, 0]
 
-    def recording_rollback(cache, length):
-        original(cache, length)
-        rollbacks.append((length, cache.k[:, :, :, :length].clone(), cache.v[:, :, :, :length].clone()))
 
-    monkeypatch.setattr(KVCache, "rollback", recording_rollback)
-    out, stats = generate_tidar(model, prompt, 30, draft_len=k)
-    assert prompt + out == truth[: len(prompt) + 30]
-    assert len(calls) == stats["forwards"] == 1 + len(stats["committed"]) == 1 + len(rollbacks)
-    assert calls[0][0].shape[1] == len(prompt) + k  # prefill: the prompt and k masks
+@pytest.mark.parametrize("batch", [
+    [(0, 5, "noisy")],  # one prompt: a mix of zero, partial and full acceptances
+    [(0, 9, "oracle"), (1, 2, "garbage"), (2, 4, "noisy")],  # ragged: one row accepts all, one nothing
+])
+def test_every_step_is_one_exact_cached_forward(tiny, batch):
+    """
+    Before every forward the cache holds, for every live row, exactly the K/V of a fresh causal forward over
+    that row's committed tokens; the step's AR rows equal an uncached forward; and nothing else was
+    ever kept (no rejected draft, no [MASK]): after zero, partial and full acceptances alike.
+    """
+    k, n_new = 4, 30
+    prompts = [random_prompt(seed, n) for seed, n, _ in batch]
+    truths = [p + generate_ar(tiny, p, n_new) for p in prompts]
+    model = Drafts(tiny, truths, [mode for _, _, mode in batch])
+    calls = []  # per forward: its input ids, and the cache as it was before it (lengths, K, V), then its logits
+
+    def record(mod, args, out):
+        idx, pos, mask, cache = args
+        calls[-1] = (idx.clone(), *calls[-1], out.clone())
+
+    model.register_forward_pre_hook(lambda mod, args: calls.append((args[3].length.clone(), args[3].k.clone(), args[3].v.clone())))
+    model.register_forward_hook(record)
+    outs, stats = generate_tidar(model, prompts if len(batch) > 1 else prompts[0], n_new, draft_len=k)
+    outs, stats = (outs, stats) if len(batch) > 1 else ([outs], [stats])
+    assert [p + o for p, o in zip(prompts, outs)] == [t[: len(p) + n_new] for p, t in zip(prompts, truths)]
+    assert len(calls) == 1 + max(len(st["trace"]) for st in stats) == max(st["forwards"] for st in stats)  # 10
+    assert calls[0][0].shape[1] == max(map(len, prompts)) + k  # prefill: the prompts and k masks (and padding)
     assert all(c[0].shape[1] == k + k * k for c in calls[1:])  # each step: k + k*k queries
-    assert all(1 <= c <= k for c in stats["committed"])
-    assert {1, k} <= set(stats["committed"]) and len(set(stats["committed"])) >= 3  # zero, partial, full acceptance
-    for (idx, pos, logits), (length, K, V) in zip(calls[1:], rollbacks):
-        L = int(pos[0])
-        seq = torch.tensor([truth[:L] + idx[0, :k].tolist()])  # committed prefix + d_0 .. d_{k-1}
-        uncached = tiny(seq, torch.arange(L + k), causal_mask(L + k))[0]
-        torch.testing.assert_close(logits[:k], uncached[L:], rtol=0, atol=1e-12)  # 5
-        ref = KVCache(tiny.config, length, dtype=torch.float64)
-        tiny(torch.tensor([truth[:length]]), torch.arange(length), causal_mask(length), ref, n_causal=length)
-        torch.testing.assert_close(K, ref.k, rtol=0, atol=1e-12)  # 6
-        torch.testing.assert_close(V, ref.v, rtol=0, atol=1e-12)
+    for b, (prompt, truth, st) in enumerate(zip(prompts, truths, stats)):
+        assert all(1 <= c <= k for c in st["committed"])
+        mode = batch[b][2]
+        if mode == "oracle":
+            assert all(c == k for c in st["committed"][:-1])
+        if mode == "garbage":
+            assert set(st["committed"]) == {1}
+        if mode == "noisy":
+            assert {1, k} <= set(st["committed"]) and len(set(st["committed"])) >= 3
+        for s, (idx, length, K, V, logits) in enumerate(calls[1 : 1 + len(st["trace"])]):  # the steps it was live
+            L = int(length[b])
+            assert L == len(prompt) + sum(st["committed"][:s])
+            ref_k, ref_v = fresh_kv(tiny, truth[:L])
+            torch.testing.assert_close(K[:, b, :, :L], ref_k, rtol=0, atol=1e-12)  # 6
+            torch.testing.assert_close(V[:, b, :, :L], ref_v, rtol=0, atol=1e-12)
+            d = idx[b, :k].tolist()
+            assert d[0] == truth[L]  # d_0 was decided right
+            uncached = tiny(torch.tensor([truth[:L] + d]), torch.arange(L + k), causal_mask(L + k))[0]
+            torch.testing.assert_close(logits[b, :k], uncached[L:], rtol=0, atol=1e-12)  # 5
+
+
+@pytest.mark.parametrize("decoder", ["ar", "tidar", "speculative"])
+def test_batch_rows_equal_prompts_decoded_alone(tiny, decoder):
+    torch.manual_seed(7)
+    drafter = GPT(replace(tiny.config, n_layer=1, n_embd=8, n_head=1)).double().eval()
+    prompts = [random_prompt(1, 7), random_prompt(2, 1), random_prompt(3, 12), []]
+    alone = [generate_ar(tiny, p, 20) for p in prompts]
+    if decoder == "ar":
+        assert generate_ar(tiny, prompts, 20) == alone
+        return
+    if decoder == "tidar":
+        modes = ["oracle", "garbage", "model", "noisy"]
+        model = Drafts(tiny, [(p or [tiny.config.eot_id]) + a for p, a in zip(prompts, alone)], modes)
+        outs, stats = generate_tidar(model, prompts, 20, draft_len=4)
+        assert [generate_tidar(Drafts(tiny, [model.truths[b]], [modes[b]]), p, 20, draft_len=4)[1]["committed"]
+                for b, p in enumerate(prompts)] == [st["committed"] for st in stats]  # the same steps as alone
+    else:
+        outs, stats = generate_speculative(tiny, drafter, prompts, 20, draft_len=3)
+        assert [generate_speculative(tiny, drafter, p, 20, draft_len=3)[1]["committed"] for p in prompts] == \
+            [st["committed"] for st in stats]
+    assert outs == alone
+
+
+def test_one_host_read_per_step(tiny, monkeypatch):
+    """A step reads back once (the tokens and the accepted counts, with .tolist()), and nothing in it waits
+    on the device otherwise: on a GPU any other read (.item(), bool(tensor), ...) would be a sync."""
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _f=original, _n=name, **kw: reads.append(_n) or _f(t, *a, **kw))
+    forwards = []
+    tiny.register_forward_hook(lambda *args: forwards.append(1))
+    drafter = GPT(replace(tiny.config, n_layer=1)).double().eval()
+    for decode in (lambda: generate_ar(tiny, [[1, 2], [3]], 9),
+                   lambda: generate_tidar(tiny, [[1, 2], [3]], 9, draft_len=3, temperature=1.0),
+                   lambda: generate_speculative(tiny, drafter, [[1, 2], [3]], 9, draft_len=2, temperature=1.0)):
+        reads.clear(), forwards.clear()
+        decode()
+        assert len(forwards) >= 3 and reads == ["tolist"] * len(forwards)  # prefill, then each step
 
 
 # --- 7. greedy is lossless
@@ -117,7 +188,7 @@ def test_greedy_tidar_equals_greedy_ar(tiny, k, mode):
         model = GPT(tiny.config).double().eval()
         prompt = random_prompt(seed, n=1 + seed)
         ar = generate_ar(model, prompt, 24)
-        drafter = model if mode == "model" else Drafts(model, prompt + ar, mode)
+        drafter = model if mode == "model" else Drafts(model, [prompt + ar], [mode])
         out, stats = generate_tidar(drafter, prompt, 24, draft_len=k)
         assert out == ar, f"seed {seed}"
         if mode == "oracle":  # every step commits k (the last one may be cut by max_new_tokens)
@@ -131,9 +202,99 @@ def test_beta_zero_trusts_the_diffusion_slot(tiny, mode):
     # beta = 0: every target is slot 0 of a mask block, so the output is whatever the masks say
     prompt = random_prompt(5)
     truth = prompt + generate_ar(tiny, prompt, 20)
-    out, _ = generate_tidar(Drafts(tiny, truth, mode), prompt, 20, draft_len=4, beta=0.0)
+    out, _ = generate_tidar(Drafts(tiny, [truth], [mode]), prompt, 20, draft_len=4, beta=0.0)
     shift = 1 if mode == "garbage" else 0
     assert out == [(t + shift) % tiny.config.vocab_size for t in truth[len(prompt) :]]
+
+
+# --- 15. the two rules: the authors' released rule commits slot 0 of each block unverified
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("mode", ["model", "oracle", "garbage", "noisy"])
+def test_paper_rule_equals_lossless_rule_at_beta_zero(tiny, k, mode):
+    for seed in range(3):
+        prompt = random_prompt(seed, n=2 + seed)
+        model = tiny if mode == "model" else Drafts(tiny, [prompt + generate_ar(tiny, prompt, 24)], [mode])
+        ours, ours_stats = generate_tidar(model, prompt, 24, draft_len=k, beta=0.0)
+        paper, paper_stats = generate_tidar(model, prompt, 24, draft_len=k, beta=0.0, rule="paper")
+        assert paper == ours and paper_stats["committed"] == ours_stats["committed"]
+
+
+def test_only_the_lossless_rule_equals_ar_at_beta_one(tiny):
+    prompt = random_prompt(4)
+    ar = generate_ar(tiny, prompt, 20)
+    # garbage drafts: every verification fails, so everything the paper's rule commits is some block's slot 0,
+    # never checked, and never a token the AR model chose; ours corrects each one
+    model = Drafts(tiny, [prompt + ar], ["garbage"])
+    assert generate_tidar(model, prompt, 20, draft_len=4)[0] == ar
+    paper, stats = generate_tidar(model, prompt, 20, draft_len=4, rule="paper")
+    assert all(t != a for t, a in zip(paper, ar)) and set(stats["committed"]) == {1}
+    # with the model's own drafts too: some seed's output leaves the AR path
+    differs = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        m = GPT(tiny.config).double().eval()
+        p = random_prompt(seed)
+        ar = generate_ar(m, p, 24)
+        assert generate_tidar(m, p, 24)[0] == ar
+        differs.append(generate_tidar(m, p, 24, rule="paper")[0] != ar)
+    assert any(differs)
+
+
+# --- speculative decoding: lossless like TiDAR, one target forward of k + 1 tokens per step
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_greedy_speculative_equals_greedy_ar(tiny, k):
+    torch.manual_seed(11)
+    drafter = GPT(replace(tiny.config, n_layer=1, n_embd=8, n_head=1)).double().eval()
+    calls = []
+    for seed, target in enumerate([tiny, GPT(tiny.config).double().eval()]):
+        target.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[1]))
+        prompt = random_prompt(seed, n=1 + 3 * seed)
+        ar = generate_ar(target, prompt, 24)
+        for d in (drafter, target):  # a weak drafter, and the target drafting for itself (all accepted)
+            calls.clear()
+            out, stats = generate_speculative(target, d, prompt, 24, draft_len=k)
+            assert out == ar
+            assert all(1 <= c <= k + 1 for c in stats["committed"])
+            assert stats["drafter_forwards"] == 1 + k * (stats["forwards"] - 1)
+            if d is target:
+                assert all(c == k + 1 for c in stats["committed"][:-1])
+            else:  # the target: prefill, then one forward of k + 1 tokens per step
+                assert calls == [len(prompt)] + [k + 1] * (stats["forwards"] - 1)
+
+
+def test_the_drafter_sees_exactly_the_committed_text(tiny):
+    """Each step the drafter starts from the committed tokens at their own positions, its cache holding
+    exactly their K/V (it re-reads the last one with d_0, so that a rollback needs no bookkeeping)."""
+    torch.manual_seed(11)
+    drafter = GPT(replace(tiny.config, n_layer=1, n_embd=8, n_head=1)).double().eval()
+    prompt = random_prompt(2, 6)
+    truth = prompt + generate_ar(tiny, prompt, 30)
+    starts = []
+
+    def check(mod, args):
+        idx, pos, mask, cache = args
+        if idx.size(1) == 2:  # the first drafter forward of a step: [last committed token, d_0]
+            L = int(cache.length[0])
+            starts.append(L)
+            assert pos[0].tolist() == [L, L + 1] and idx[0].tolist() == truth[L : L + 2]
+            ref_k, ref_v = fresh_kv(drafter, truth[:L])
+            torch.testing.assert_close(cache.k[:, 0, :, :L], ref_k, rtol=0, atol=1e-12)
+            torch.testing.assert_close(cache.v[:, 0, :, :L], ref_v, rtol=0, atol=1e-12)
+
+    drafter.register_forward_pre_hook(check)
+    out, stats = generate_speculative(tiny, drafter, prompt, 30, draft_len=3)
+    assert prompt + out == truth
+    assert starts == [len(prompt) - 1 + sum(stats["committed"][:s]) for s in range(len(stats["committed"]))]
+
+
+def test_speculative_refuses_a_drafter_of_another_vocabulary(tiny):
+    drafter = GPT(replace(tiny.config, vocab_size=12)).double()
+    with pytest.raises(ValueError, match="drafter's vocabulary"):
+        generate_speculative(tiny, drafter, [1, 2], 5)
 
 
 def test_empty_prompt_means_start_of_document(tiny):
@@ -150,7 +311,7 @@ def output_distribution(p, q):
     out = torch.zeros_like(p)
     for d in range(len(q)):
         if q[d] > 0:
-            a = accept_probability(p, q, d)
+            a = accept_probability(p, q, torch.tensor(d))
             out[d] += q[d] * a
             out += q[d] * (1 - a) * residual(p, q)
     return out
@@ -186,35 +347,57 @@ def sequence_probability(model, prompt, seq, temperature, top_k):
     return math.prod(p[i, t].item() for i, t in enumerate(seq))
 
 
-@pytest.mark.parametrize("temperature,top_k,draft_len", [(1.0, None, 2), (0.8, 3, 3)])
-def test_sampling_follows_the_ar_distribution(temperature, top_k, draft_len):
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=5, eot_id=4, seq_len=16, block_len=draft_len, n_layer=1, n_head=1, n_embd=8)
+def peaked_gpt(seed, **kw):
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=5, eot_id=4, seq_len=16, n_layer=1, n_head=1, n_embd=8, **kw)
     model = GPT(config).eval()
     with torch.no_grad():  # larger weights: peaked distributions, drafts often but not always accepted
         for p in model.parameters():
             p.mul_(3)
-    prompt, n_new, N = [1, 2], draft_len + 1, 2000
-    g = torch.Generator().manual_seed(1)
-    counts, committed, forwards = {}, [], []
-    for _ in range(N):
-        out, stats = generate_tidar(model, prompt, n_new, draft_len=draft_len, temperature=temperature, top_k=top_k, generator=g)
-        counts[tuple(out)] = counts.get(tuple(out), 0) + 1
-        committed, forwards = committed + stats["committed"], forwards + [stats["forwards"]]
-    assert 1 in committed and draft_len in committed  # rejections and bonus tokens both occurred
-    assert max(forwards) >= 3  # and generations of several steps
-    expected = {s: N * sequence_probability(model, prompt, list(s), temperature, top_k) for s in counts}
-    assert sum(expected.values()) <= N * (1 + 1e-6)
-    # chi-square over the outcomes seen; whatever probability they miss goes into one last bin
-    bins = [(counts[s], expected[s]) for s in counts] + [(0, max(N - sum(expected.values()), 0.0))]
-    big = [(o, e) for o, e in bins if e >= 5]
-    small = [(o, e) for o, e in bins if e < 5]
-    big.append((sum(o for o, _ in small), sum(e for _, e in small)))
-    chi2 = sum((o - e) ** 2 / e for o, e in big if e > 0)
-    df = len(big) - 1
-    z = 3.72  # one-sided 1e-4 quantile of the normal; Wilson-Hilferty turns it into a chi-square one
-    limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-    assert chi2 < limit, f"chi2 {chi2:.1f} >= {limit:.1f} with {df} degrees of freedom"
+    return model
+
+
+@pytest.mark.parametrize("decoder", ["tidar", "speculative"])
+@pytest.mark.parametrize("temperature,top_k,draft_len", [(1.0, None, 2), (0.8, 3, 3)])
+def test_sampling_follows_the_ar_distribution(decoder, temperature, top_k, draft_len):
+    model, N = peaked_gpt(0, block_len=draft_len), 2000
+    # Every row of a batch is one sample: two prompts of different lengths side by side, N rows each.
+    prompts, n_new, g = [[1, 2], [3]] * N, draft_len + 2, torch.Generator().manual_seed(1)
+    if decoder == "tidar":
+        outs, stats = generate_tidar(model, prompts, n_new, draft_len=draft_len, temperature=temperature, top_k=top_k, generator=g)
+        bonus = draft_len  # a step commits up to k tokens
+    else:
+        outs, stats = generate_speculative(model, peaked_gpt(1), prompts, n_new, draft_len=draft_len,
+                                           temperature=temperature, top_k=top_k, generator=g)
+        bonus = draft_len + 1  # up to k + 1
+    committed = [c for st in stats for c in st["committed"]]
+    assert 1 in committed and bonus in committed  # rejections and bonus tokens both occurred
+    assert max(st["forwards"] for st in stats) >= 3  # and generations of several steps
+    for prompt in ([1, 2], [3]):
+        counts = {}
+        for p, out in zip(prompts, outs):
+            if p == prompt:
+                counts[tuple(out)] = counts.get(tuple(out), 0) + 1
+        # chi-square over every sequence AR sampling can produce (bins fixed before looking at the samples):
+        # those expected at least 5 times each in a bin, the rest together in one
+        expected = {s: N * sequence_probability(model, prompt, list(s), temperature, top_k)
+                    for s in all_sequences(model.config.vocab_size, n_new, model.config.eot_id)}
+        assert set(counts) <= set(expected) and sum(expected.values()) == pytest.approx(N)
+        big = [(counts.get(s, 0), e) for s, e in expected.items() if e >= 5]
+        small = [(counts.get(s, 0), e) for s, e in expected.items() if e < 5]
+        big.append((sum(o for o, _ in small), sum(e for _, e in small)))
+        chi2 = sum((o - e) ** 2 / e for o, e in big if e > 0)
+        df = len(big) - 1
+        z = 3.72  # one-sided 1e-4 quantile of the normal; Wilson-Hilferty turns it into a chi-square one
+        limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+        assert chi2 < limit, f"prompt {prompt}: chi2 {chi2:.1f} >= {limit:.1f} with {df} degrees of freedom"
+
+
+def all_sequences(V, n, eot_id, prefix=()):
+    """Every output of at most n tokens that stops only at <|endoftext|> or at n."""
+    for t in range(V):
+        s = prefix + (t,)
+        yield from [s] if t == eot_id or len(s) == n else all_sequences(V, n, eot_id, s)
 
 
 # --- 12. stopping
@@ -227,7 +410,7 @@ def test_endoftext_inside_accepted_drafts_ends_the_output(tiny):
     tiny.config = replace(tiny.config, eot_id=ar[j])
     expected = ar[: j + 1]  # <|endoftext|> is kept, nothing after it
     assert generate_ar(tiny, prompt, 20) == expected
-    out, stats = generate_tidar(Drafts(tiny, prompt + ar, "oracle"), prompt, 20, draft_len=8)
+    out, stats = generate_tidar(Drafts(tiny, [prompt + ar], ["oracle"]), prompt, 20, draft_len=8)
     assert out == expected and sum(stats["committed"]) > len(out)  # the step committed past it, then trimmed
 
 
@@ -237,7 +420,7 @@ def test_max_new_tokens_is_exact(tiny, n):
     ar = generate_ar(tiny, prompt, 30)
     assert tiny.config.eot_id not in ar
     assert generate_ar(tiny, prompt, n) == ar[:n]
-    out, stats = generate_tidar(Drafts(tiny, prompt + ar, "oracle"), prompt, n, draft_len=8)
+    out, stats = generate_tidar(Drafts(tiny, [prompt + ar], ["oracle"]), prompt, n, draft_len=8)
     assert out == ar[:n] and stats["forwards"] == 1 + math.ceil((n - 1) / 8)
 
 
@@ -248,12 +431,16 @@ def test_max_new_tokens_is_exact(tiny, n):
     "kwargs,message",
     [
         (dict(draft_len=0), "draft_len must be at least 1"),
-        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(temperature=-1.0), "temperature must be a number >= 0"),
+        (dict(temperature=float("nan")), "temperature must be a number >= 0"),
+        (dict(rule="authors"), "rule must be 'lossless' or 'paper'"),
         (dict(top_k=0, temperature=1.0), "top_k must be at least 1"),
         (dict(beta=1.5), r"beta must lie in \[0, 1\]"),
         (dict(max_new_tokens=40), "exceeds the model's context of 48"),
         (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
-        (dict(prompt_ids=[1, 11]), r"prompt token ids must lie in \[0, 11\)"),  # 11 is [MASK]
+        (dict(prompt_ids=[1, 11]), r"prompt token ids must be ints in \[0, 11\)"),  # 11 is [MASK]
+        (dict(prompt_ids=[[1, 2], [3, -1]]), r"prompt token ids must be ints in \[0, 11\)"),
+        (dict(prompt_ids=[[1], [2] * 20], max_new_tokens=21), "prompt \\(20 tokens\\)"),  # the longest row counts
     ],
 )
 def test_bad_requests_fail_before_decoding(tiny, kwargs, message):
@@ -283,11 +470,32 @@ def test_cli_end_to_end(tmp_path):
     assert "outputs identical: True" in run.stdout
 
 
+def test_cli_batches(tmp_path):
+    write_checkpoint(tmp_path)
+    (tmp_path / "prompts.txt").write_text("def f(x):\n<|endoftext|>\nimport os\n<|endoftext|>\nclass A:\n")
+    args = [sys.executable, "sample.py", "--out_dir", str(tmp_path), "--device", "cpu", "--max_new_tokens", "12"]
+    # three prompts from a file, two at a time: two batches, greedy, AR beside them
+    run = subprocess.run(args + ["--prompt", f"FILE:{tmp_path / 'prompts.txt'}", "--batch_size", "2", "--compare"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert out.count("--- TiDAR: 12 new tokens") == 3 and "batch of 2" in out and "batch of 1" in out
+    assert out.count("outputs identical: True") == 2
+    assert out.index("def f(x):\n") < out.index("import os\n") < out.index("class A:\n")
+    # four samples of one prompt in one batch, and the paper's rule in bfloat16
+    run = subprocess.run(args + ["--prompt", "x = ", "--batch_size", "4", "--temperature", "1", "--rule", "paper",
+                                 "--beta", "0", "--dtype", "bfloat16"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("--- TiDAR: 12 new tokens") == 4 and "TiDAR (paper)" in run.stdout
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--draft_len", "0"], "draft_len must be at least 1"),
-        (["--temperature", "-0.5"], "temperature must be >= 0"),
+        (["--temperature", "-0.5"], "temperature must be a number >= 0"),
+        (["--temperature", "nan"], "temperature must be a number >= 0"),
+        (["--batch_size", "0"], "--batch_size must be at least 1"),
         (["--top_k", "0", "--temperature", "1"], "top_k must be at least 1"),
         (["--beta", "2"], "beta must lie in"),
         (["--max_new_tokens", "90"], "exceeds the model's context of 96"),
@@ -318,3 +526,16 @@ def test_cli_checkpoint_problems(tmp_path, capsys):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
     assert "cannot load" in error(tmp_path / "junk")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "ckpt.pt").write_bytes(b"")  # a 0-byte file: an exception with no message
+    assert "cannot load" in error(tmp_path / "empty")
+
+
+def test_cli_prompt_file_not_utf8(tmp_path, capsys):
+    write_checkpoint(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(SystemExit) as e:
+        sample.main(sample.parser.parse_args(["--out_dir", str(tmp_path), "--device", "cpu",
+                                              "--prompt", f"FILE:{tmp_path / 'latin1.txt'}"]))
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and "is not UTF-8 text" in err and err.count("\n") == 1
