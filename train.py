@@ -1,93 +1,92 @@
 """
 Train a TiDAR model (or, with --objective=ar, the plain AR baseline) on the tokens in data_dir.
 
-    python train.py                                  # one process, whatever device is there
+    python train.py                                    # one process, whatever device is there
     torchrun --standalone --nproc_per_node=8 train.py  # DDP: nccl on CUDA, gloo on CPU
-    python train.py --init_from=resume               # continue out_dir/ckpt.pt where it stopped
+    python train.py --init_from=resume                 # continue out_dir/ckpt.pt where it stopped
+    python train.py --help                             # the settings, their defaults and valid values
 
-Every setting below can be overridden with --name=value. On a CPU, a small run that took 1.5 minutes
-on 2 cores (val loss 5.60 -> 2.22, AR 2.54 bits/byte, draft accuracy 43% at offset 0 down to 32% at offset 7):
-    python train.py --device=cpu --n_layer=2 --n_head=4 --n_embd=128 --seq_len=128 --block_len=8 \
-        --batch_size=16 --max_iters=500 --warmup_iters=50 --lr=2e-3 --eval_interval=250 --eval_iters=10
+Every setting below can be overridden with --name=value. The defaults are sized for one GPU; with no GPU
+a fresh run takes the smaller cpu_preset instead (settings given on the command line still win over it).
 """
-import ast
-import difflib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from tidar import GPT, GPTConfig, ar_inputs, pick_device, tidar_inputs, tidar_loss
+from configurator import fail, parse_overrides
 
 # -----------------------------------------------------------------------------
 # Settings. The defaults train in about 5 minutes on one H100 (bf16, compiled; measured: 62 ms/iter, 308 s
 # including data preparation, compilation and evaluations): 25.4M parameters, 4000 steps of 32 sequences.
 out_dir = "out"  # holds ckpt.pt
-data_dir = "data/pystdlib"  # from data/prepare.py; a missing folder named pystdlib is prepared on the spot
+overwrite = False  # False: a fresh run refuses to replace out_dir/ckpt.pt | True: it may
+data_dir = "data/pycode"  # from data/prepare.py; a missing folder named pycode is prepared on the spot
 objective = "tidar"  # 'tidar' (doubled sequence, AR + diffusion loss) | 'ar' (plain AR baseline, same data)
-alpha = 1.0  # loss = (alpha * AR + diffusion) / (1 + alpha), TIDAR.md section 2
-seq_len = 1024  # S, clean tokens per sequence; the model sees the doubled sequence of 2S
-block_len = 16  # B, the mask block length; a divisor of seq_len, and the default draft length in sample.py
-n_layer = 8
-n_head = 8
+alpha = 1.0  # >= 0: loss = (alpha * AR + diffusion) / (1 + alpha), README "Training: the doubled sequence"
+seq_len = 1024  # S >= 1, clean tokens per sequence; the model sees the doubled sequence of 2S
+block_len = 16  # B >= 1, the mask block length, a divisor of S; the default draft length in sample.py
+n_layer = 8  # >= 1
+n_head = 8  # >= 1
 n_embd = 512  # a multiple of 2 * n_head (rotary positions need an even head size)
-batch_size = 32  # sequences per micro-step, per process
-grad_accum = 1  # micro-steps per optimizer step
-max_iters = 4000  # optimizer steps; the cosine schedule ends here
-lr = 1e-3  # peak learning rate, reached after warmup
-min_lr = 1e-4  # where the cosine decay ends
-warmup_iters = 200
-weight_decay = 0.1  # on matrices and embeddings only
-beta1 = 0.9
-beta2 = 0.99
-grad_clip = 1.0  # max gradient norm; 0 = off
-eval_interval = 1000  # evaluate and checkpoint every this many steps, and at the end
-eval_iters = 20  # val batches per evaluation
-log_interval = 10  # steps between log lines
+batch_size = 32  # >= 1 sequences per micro-step, per process
+grad_accum = 1  # >= 1 micro-steps per optimizer step
+max_iters = 4000  # >= 1 optimizer steps; the cosine schedule ends here
+lr = 1e-3  # > 0, the peak learning rate, reached after warmup
+min_lr = 1e-4  # 0 .. lr, where the cosine decay ends
+warmup_iters = 200  # >= 0 steps of linear warmup
+weight_decay = 0.1  # >= 0, on matrices and embeddings only
+beta1 = 0.9  # AdamW, in [0, 1)
+beta2 = 0.99  # AdamW, in [0, 1)
+grad_clip = 1.0  # >= 0, the max gradient norm; 0 = off
+eval_interval = 1000  # >= 1: evaluate and checkpoint every this many steps, and at the end
+eval_iters = 20  # >= 1 val batches per evaluation
+log_interval = 10  # >= 1 steps between log lines
 init_from = "scratch"  # 'scratch' | 'resume' (out_dir/ckpt.pt: its settings, iteration count and schedule)
 device = "auto"  # 'auto' (cuda, then mps, then cpu) | 'cuda' | 'mps' | 'cpu'
 compile = "auto"  # 'auto' (on with CUDA, where torch.compile works) | True | False
-seed = 1337
+seed = 1337  # >= 0; fixes the initialisation and every batch
+# With no GPU (the device resolves to cpu) a fresh run takes these values instead, except those set on the
+# command line. Measured on 2 cores of an AMD EPYC: 8.5 minutes (234 ms/iter), data preparation included, val
+# loss 5.56 -> 2.14 (AR 1.57 = 2.26 bits/byte). Time on the CPU goes to the doubled sequence's attention; the
+# shape and the learning rate were chosen by short runs of equal time (wider, deeper or other lrs did no better).
+cpu_preset = dict(n_layer=4, n_head=2, n_embd=128, seq_len=256, block_len=8, batch_size=6, max_iters=2800,
+                  warmup_iters=100, lr=2e-3, min_lr=2e-4, eval_interval=700, eval_iters=20)
 # -----------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 choices = dict(objective=("tidar", "ar"), init_from=("scratch", "resume"), device=("auto", "cuda", "mps", "cpu"),
                compile=("auto", True, False))
-
-
-def fail(msg, code=1):
-    print(f"train.py: error: {msg}", file=sys.stderr)  # one line, no traceback
-    sys.exit(code)
-
-
-overrides = {}  # --name=value: a Python literal, or the bare text for settings that are strings
-for arg in sys.argv[1:]:
-    key, eq, raw = arg.removeprefix("--").partition("=")
-    if not arg.startswith("--") or not eq or key not in settings:
-        near = difflib.get_close_matches(key, settings, 1)
-        fail(f"unknown setting {arg!r}" + (f" (did you mean --{near[0]}?)" if near else "") +
-             f"; use --name=value with a name from: {', '.join(settings)}", 2)
-    default = settings[key]
-    try:
-        value = raw if isinstance(default, str) and key not in choices else ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    value = float(value) if type(default) is float and type(value) is int else value
-    if key in choices and not any(value == c and type(value) is type(c) for c in choices[key]):
-        fail(f"--{key}={raw}: expected one of {', '.join(map(repr, choices[key]))}", 2)
-    if key not in choices and type(value) is not type(default):
-        fail(f"--{key}={raw}: expected {type(default).__name__} (like --{key}={default!r})", 2)
-    overrides[key] = value
+overrides = parse_overrides(sys.argv[1:], settings, choices, __file__, cpu_preset)
 globals().update(overrides)
+# A bad value stops here, with one line naming the setting, rather than as a traceback or a silent mistake later.
+for k in ("seq_len", "block_len", "n_layer", "n_head", "n_embd", "batch_size", "grad_accum", "max_iters", "lr",
+          "eval_interval", "eval_iters", "log_interval"):
+    if not globals()[k] > 0:
+        fail(f"--{k}={globals()[k]}: must be > 0", 2)
+for k in ("alpha", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "seed"):
+    if not globals()[k] >= 0:
+        fail(f"--{k}={globals()[k]}: must be >= 0", 2)
+for k in ("beta1", "beta2"):
+    if not 0 <= globals()[k] < 1:
+        fail(f"--{k}={globals()[k]}: must be in [0, 1)", 2)
+
+# torch only now: --help and a mistyped setting answer at once, not after the second that importing it takes
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from tidar import GPT, GPTConfig, pick_device, tidar_inputs, tidar_loss, training_loss  # noqa: E402
+
+try:
+    device_type = pick_device(device)  # 'cuda' | 'mps' | 'cpu'
+except ValueError as e:
+    fail(str(e))
 
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-ckpt = None
+ckpt = saved_iter = None  # saved_iter: the iteration of the last checkpoint in out_dir, if there is one
 if init_from == "resume":
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -103,24 +102,60 @@ if init_from == "resume":
              "this train.py, start with --init_from=scratch")
     # Resume with the run's own settings (so the same schedule), then whatever the command line says.
     # The machine-specific ones stay as given here.
-    keep = {"out_dir", "init_from", "device", "compile"} | set(overrides)
+    keep = {"out_dir", "overwrite", "init_from", "device", "compile"} | set(overrides)
     globals().update({k: v for k, v in ckpt["train_config"].items() if k in settings and k not in keep})
+    saved_iter = ckpt["iter_num"]
+    if saved_iter >= max_iters:
+        fail(f"{ckpt_path} is already at iter {saved_iter} of --max_iters={max_iters}: raise --max_iters to go on")
+cpu_run = init_from == "scratch" and device_type == "cpu"
+if cpu_run:
+    globals().update({k: v for k, v in cpu_preset.items() if k not in overrides})
 train_config = {k: globals()[k] for k in settings}
+# settings that must agree with each other, as the checkpoint or the CPU preset leave them
+if min_lr > lr:
+    fail(f"--min_lr={min_lr} is above --lr={lr}: the schedule decays from lr down to min_lr", 2)
 if seq_len % block_len:
-    fail(f"seq_len={seq_len} must be a multiple of block_len={block_len}: training blocks tile the sequence", 2)
+    fail(f"--seq_len={seq_len} must be a multiple of --block_len={block_len}: training blocks tile the sequence", 2)
 if n_embd % (2 * n_head):
-    fail(f"n_embd={n_embd} must be a multiple of 2 * n_head={2 * n_head}: rotary positions need an even head size", 2)
+    fail(f"--n_embd={n_embd} must be a multiple of 2 * n_head={2 * n_head}: rotary positions need an even head size", 2)
 
 # -----------------------------------------------------------------------------
-# Processes and device. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is rank 0 of 1.
+# Processes and output. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is rank 0 of 1.
 rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
 world_size = int(os.environ.get("WORLD_SIZE", 1))
 ddp, master = world_size > 1, rank == 0
-try:
-    device = pick_device(device)
-except ValueError as e:
-    fail(str(e))
-device_type = device
+# The output folder is checked before anything slow: a fresh run never replaces a checkpoint unasked, and a
+# folder that cannot be written is found now, not at the first save after minutes of training.
+if init_from == "scratch" and os.path.exists(ckpt_path) and not overwrite:
+    fail(f"{ckpt_path} already exists: continue it with --init_from=resume, train into another --out_dir, "
+         "or replace it with --overwrite=True")
+if master:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".probe-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to --out_dir={out_dir} ({e.strerror or e}): pick a folder you can write to")
+    if cpu_run:
+        preset = " ".join(f"{k}={globals()[k]}" for k in cpu_preset)
+        print(f"no GPU: training the CPU preset instead of the GPU defaults ({preset}); as set, it takes about "
+              "9 minutes on 2 cores; --help lists the settings", flush=True)
+
+
+def last_checkpoint():
+    return f"the last checkpoint is {ckpt_path} (iter {saved_iter})" if saved_iter is not None else \
+        "no checkpoint was written"
+
+
+def stop_interrupted(where):
+    """Ctrl-C: one line and exit status 130; whatever was being written has been removed by then."""
+    if master:  # torchrun passes Ctrl-C to every process
+        print(f"train.py: interrupted {where}; {last_checkpoint()}", file=sys.stderr)
+    sys.exit(130)
+
+
+device = device_type
 if ddp:
     from torch.distributed import barrier, destroy_process_group, init_process_group
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -139,32 +174,61 @@ torch.manual_seed(seed)
 # -----------------------------------------------------------------------------
 # Data: one long stream of token ids per split; a batch is b = batch_size random windows of S + 1 tokens.
 meta_path = os.path.join(data_dir, "meta.json")
+default_data = os.path.basename(os.path.normpath(data_dir)) == "pycode"
 if not os.path.exists(meta_path):
-    if os.path.basename(os.path.normpath(data_dir)) != "pystdlib":
+    if not default_data:
         fail(f"no dataset in {data_dir} (meta.json is missing): make one with "
              f"`python data/prepare.py --input FILE --name NAME`, then pass --data_dir=data/NAME")
     if master:
-        from data.prepare import prepare_stdlib
+        from data.prepare import prepare_pycode
 
-        print(f"preparing the default dataset in {data_dir} (the Python standard library's sources)...")
-        m = prepare_stdlib(data_dir)
+        print(f"preparing the default dataset in {data_dir}: the .py sources of the standard library, torch, numpy "
+              "and tiktoken (about 10 s)...", flush=True)
+        try:
+            m = prepare_pycode(data_dir)
+        except KeyboardInterrupt:
+            stop_interrupted(f"while preparing {data_dir} (nothing of it was kept; the next run prepares it again)")
+        except OSError as e:
+            fail(f"cannot prepare {data_dir}: {e}")
         print(f"{m['n_files']} files, {m['train_tokens']:,} train and {m['val_tokens']:,} val tokens")
     if ddp:
         barrier()
-with open(meta_path) as f:
-    meta = json.load(f)
+
+
+def damaged(what):
+    fail(f"{what}: the dataset in {data_dir} is damaged or incomplete; write it again with data/prepare.py" +
+         (" (or delete the folder, and train.py prepares it again)" if default_data else ""))
+
+
+try:
+    with open(meta_path) as f:
+        meta = json.load(f)
+    vocab_size, eot_id, tokenizer = int(meta["vocab_size"]), int(meta["eot_id"]), str(meta["tokenizer"])
+except (ValueError, KeyError, TypeError):
+    damaged(f"{meta_path} is not a complete meta.json")
 for split in ("train", "val"):
-    n = os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // 2
-    if n <= seq_len:
-        fail(f"{data_dir}/{split}.bin holds {n} tokens, fewer than seq_len + 1 = {seq_len + 1}: lower --seq_len")
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.exists(path):
+        damaged(f"{path} is missing")
+    if os.path.getsize(path) % 2:
+        damaged(f"{path} ends in half a token (an odd number of bytes)")
+    if os.path.getsize(path) // 2 <= seq_len:
+        fail(f"{path} holds {os.path.getsize(path) // 2} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
+             "lower --seq_len")
 
 
-def get_batch(split, generator):
+def get_batch(split, *key):
+    """
+    x (b, S) and y (b, S), y being x shifted by one, from b random windows of one split. The windows are a
+    function of (seed, split, key) alone (choice): in training key = (rank, n) for this process's n-th
+    micro-batch, so a resumed run draws exactly the batches the uninterrupted run would have, and nothing
+    about the data order needs saving; key = (i,) gives the i-th val batch, the same at every evaluation.
+    """
     # a fresh memmap every batch: a long-lived one keeps the pages it touched (nanoGPT does the same)
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-    ix = torch.randint(len(data) - seq_len, (batch_size,), generator=generator)
-    chunk = torch.stack([torch.from_numpy(data[i : i + seq_len + 1].astype(np.int64)) for i in ix.tolist()])  # (b, S+1)
-    x, y = chunk[:, :-1], chunk[:, 1:]  # (b, S) each: y is x shifted by one
+    starts = np.random.default_rng([seed, split == "val", *key]).integers(len(data) - seq_len, size=batch_size)
+    chunk = torch.from_numpy(np.stack([data[i : i + seq_len + 1] for i in starts]).astype(np.int64))  # (b, S+1)
+    x, y = chunk[:, :-1], chunk[:, 1:]  # (b, S) each
     if device_type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -172,8 +236,8 @@ def get_batch(split, generator):
 
 # -----------------------------------------------------------------------------
 # Model and optimizer
-model_config = GPTConfig(vocab_size=meta["vocab_size"], eot_id=meta["eot_id"], seq_len=seq_len,
-                         block_len=block_len, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+model_config = GPTConfig(vocab_size=vocab_size, eot_id=eot_id, seq_len=seq_len, block_len=block_len,
+                         n_layer=n_layer, n_head=n_head, n_embd=n_embd)
 model = raw_model = GPT(model_config).to(device)  # raw_model: the plain module, for checkpoints
 decay = [p for p in model.parameters() if p.dim() >= 2]
 no_decay = [p for p in model.parameters() if p.dim() < 2]  # LayerNorm gains
@@ -181,18 +245,25 @@ groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, 
 optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device_type == "cuda")
 iter_num, best_val_loss = 0, float("inf")
 if ckpt is not None:
-    now = dict(asdict(model_config), tokenizer=meta["tokenizer"])
+    now = dict(asdict(model_config), tokenizer=tokenizer)
     then = dict(ckpt["model_config"], tokenizer=ckpt["tokenizer"])
     wrong = [f"{k}={then.get(k)!r} in the checkpoint but {v!r} now" for k, v in now.items() if then.get(k) != v]
     try:
-        assert not wrong
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (AssertionError, RuntimeError, ValueError, KeyError) as e:
-        fail(f"checkpoint {ckpt_path} is incompatible with this run: {'; '.join(wrong) or type(e).__name__}; "
+        if not wrong:
+            raw_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        wrong = [type(e).__name__]
+    if wrong:
+        fail(f"checkpoint {ckpt_path} is incompatible with this run: {'; '.join(wrong)}; "
              "resume with the checkpoint's model settings and dataset, or start with --init_from=scratch")
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     ckpt = None  # free the memory
+n_params = sum(p.numel() for p in raw_model.parameters())
+ckpt_bytes = 3 * 4 * n_params  # float32 weights and AdamW's two moments
+if master and (free := shutil.disk_usage(out_dir).free) < ckpt_bytes:  # a new checkpoint is written beside the old
+    fail(f"--out_dir={out_dir} has {free / 1e6:.0f} MB free, and a checkpoint needs about {ckpt_bytes / 1e6:.0f} MB: "
+         "free some space or pick another --out_dir")
 if compile:
     model = torch.compile(model)
 if ddp:
@@ -200,27 +271,17 @@ if ddp:
 mask_id = model_config.mask_id
 
 
-def forward(x, y):
-    """One micro-batch through the model (always model(...), so compile and DDP see the whole forward)."""
-    if objective == "ar":
-        logits = model(*ar_inputs(x))  # (b, S, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        return loss, loss, None
-    logits = model(*tidar_inputs(x, block_len, mask_id))  # (b, 2S, V)
-    return tidar_loss(logits, x, y, alpha)
-
-
 @torch.no_grad()
 def evaluate():
     """Val AR loss, diffusion loss, and draft accuracy by slot offset inside the block, (block_len,)."""
-    generator = torch.Generator().manual_seed(seed)  # the same val batches every time: evaluations compare
     ar = diff = 0.0
     hits = torch.zeros(block_len)
-    for _ in range(eval_iters):
-        x, y = get_batch("val", generator)
+    for i in range(eval_iters):
+        x, y = get_batch("val", i)
         with autocast:
             # both objectives are scored on the doubled sequence: its AR half is exactly a causal forward
-            # (TIDAR.md 4.3), and the diffusion half shows what the AR baseline cannot do
+            # (README "Training: the doubled sequence"), and the diffusion half shows what the AR baseline
+            # cannot do
             logits = model(*tidar_inputs(x, block_len, mask_id))  # (b, 2S, V)
             _, a, d = tidar_loss(logits, x, y, alpha)
         drafts = logits[:, seq_len:].argmax(-1)  # (b, S): one-step diffusion's guess at every position
@@ -239,74 +300,86 @@ def get_lr(it):
 def check_finite(name, value):
     if not math.isfinite(value):  # stop before a save can overwrite the last good checkpoint
         fail(f"{name} is {value} at iter {iter_num}: training diverged; lower --lr or raise --warmup_iters "
-             f"(the last good checkpoint, if any, is still {ckpt_path})")
+             f"({last_checkpoint()})")
 
 
 def save_checkpoint():
+    global saved_iter
     ckpt = dict(model=raw_model.state_dict(), model_config=asdict(model_config), train_config=train_config,
-                tokenizer=meta["tokenizer"], iter_num=iter_num, best_val_loss=best_val_loss,
-                optimizer=optimizer.state_dict())
-    os.makedirs(out_dir, exist_ok=True)
-    torch.save(ckpt, ckpt_path + ".tmp")
-    os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: an interrupted write leaves the last checkpoint whole
+                tokenizer=tokenizer, iter_num=iter_num, best_val_loss=best_val_loss, optimizer=optimizer.state_dict())
+    tmp = ckpt_path + ".tmp"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, ckpt_path)  # atomic: an interrupted write leaves the last checkpoint whole
+        saved_iter = iter_num
+    except OSError as e:  # a full disk, say
+        fail(f"cannot save {ckpt_path} at iter {iter_num} ({e.strerror or e}); {last_checkpoint()}, untouched: "
+             "free some space (or pick another --out_dir) and continue with --init_from=resume")
+    finally:
+        if os.path.exists(tmp):  # half a file, after a failure or Ctrl-C
+            os.remove(tmp)
 
 
 # -----------------------------------------------------------------------------
 # Training loop
 tokens_per_iter = batch_size * grad_accum * world_size * seq_len  # clean tokens; the model sees twice as many
 if master:
-    n_params = sum(p.numel() for p in raw_model.parameters())
     print(f"{objective} model: {n_params / 1e6:.2f}M parameters, S={seq_len}, B={block_len}, "
-          f"vocab {meta['vocab_size']} ({meta['tokenizer']}); {tokens_per_iter:,} tokens/iter "
+          f"vocab {vocab_size} ({tokenizer}); {tokens_per_iter:,} tokens/iter "
           f"on {world_size} x {device}{' (bf16)' if device_type == 'cuda' else ''}{', compiled' if compile else ''}; "
-          f"from iter {iter_num}")
-    if device_type == "cpu" and not overrides:
-        print("no GPU: these defaults will take many hours here; the top of train.py has a CPU run of minutes")
-# data order differs across ranks, and a resumed run does not replay the batches it has already seen
-generator = torch.Generator().manual_seed(seed + 1_000_003 * rank + iter_num)
-x, y = get_batch("train", generator)
-iter_start, t0, t_iter = iter_num, time.time(), iter_num
-while True:
-    if iter_num % eval_interval == 0 or iter_num == max_iters:
-        ar, diff, acc = evaluate()
-        val_loss = ar if objective == "ar" else (alpha * ar + diff) / (1 + alpha)
-        check_finite("val loss", val_loss)
-        best_val_loss = min(best_val_loss, val_loss)
-        if master:
-            bpb = f", {ar / math.log(2):.3f} bits/byte" if meta["tokenizer"] == "byte" else ""
-            print(f"eval {iter_num}: val loss {val_loss:.4f} (ar {ar:.4f}{bpb}; diff {diff:.4f}) | "
-                  f"draft acc % by offset 0..{block_len - 1}: {' '.join(f'{100 * a:.0f}' for a in acc.tolist())}")
-            if iter_num > iter_start:
-                save_checkpoint()
-        t0, t_iter = time.time(), iter_num  # evaluation time is not training time
-    if iter_num >= max_iters:
-        break
+          f"from iter {iter_num}", flush=True)
+iter_start = t_iter = iter_num
+t0, eval_time = time.time(), 0.0
+try:
+    x, y = get_batch("train", rank, iter_num * grad_accum)
+    while True:
+        if iter_num % eval_interval == 0 or iter_num == max_iters:
+            t_eval = time.time()
+            ar, diff, acc = evaluate()
+            val_loss = ar if objective == "ar" else (alpha * ar + diff) / (1 + alpha)
+            check_finite("val loss", val_loss)
+            best_val_loss = min(best_val_loss, val_loss)
+            if master:
+                bpb = f", {ar / math.log(2):.3f} bits/byte" if tokenizer == "byte" else ""
+                print(f"eval {iter_num}: val loss {val_loss:.4f} (ar {ar:.4f}{bpb}; diff {diff:.4f}) | draft acc % "
+                      f"by offset 0..{block_len - 1}: {' '.join(f'{100 * a:.0f}' for a in acc.tolist())}", flush=True)
+                if iter_num > iter_start:
+                    save_checkpoint()
+            t0, t_iter = time.time(), iter_num  # evaluation time is not training time
+            eval_time = t0 - t_eval
+        if iter_num >= max_iters:
+            break
 
-    lr_now = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group["lr"] = lr_now
-    for micro_step in range(grad_accum):
-        if ddp:  # average gradients across processes only once, on the last micro-step
-            model.require_backward_grad_sync = micro_step == grad_accum - 1
-        with autocast:
-            loss, ar, diff = forward(x, y)
-        x, y = get_batch("train", generator)  # fetch the next batch while the device works on this one
-        (loss / grad_accum).backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    iter_num += 1
+        lr_now = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        for micro_step in range(grad_accum):
+            if ddp:  # average gradients across processes only once, on the last micro-step
+                model.require_backward_grad_sync = micro_step == grad_accum - 1
+            with autocast:
+                loss, ar, diff = training_loss(model, model_config, x, y, objective, alpha)
+            # fetch the next micro-batch while the device works on this one
+            x, y = get_batch("train", rank, iter_num * grad_accum + micro_step + 1)
+            (loss / grad_accum).backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
 
-    if iter_num % log_interval == 0:
-        lossf = loss.item()  # the last micro-step's; .item() waits for the device, so only every few steps
-        check_finite("loss", lossf)
-        dt = (time.time() - t0) / (iter_num - t_iter)
-        t0, t_iter = time.time(), iter_num
-        if master:
-            terms = f"ar {ar.item():.4f}" + (f", diff {diff.item():.4f}" if diff is not None else "")
-            print(f"iter {iter_num}: loss {lossf:.4f} ({terms}), lr {lr_now:.2e}, {1000 * dt:.0f} ms/iter, "
-                  f"{tokens_per_iter / dt:,.0f} tok/s")
+        if iter_num % log_interval == 0:
+            lossf = loss.item()  # the last micro-step's; .item() waits for the device, so only every few steps
+            check_finite("loss", lossf)
+            dt = (time.time() - t0) / (iter_num - t_iter)
+            evals_left = max_iters // eval_interval - iter_num // eval_interval + (max_iters % eval_interval > 0)
+            left = dt * (max_iters - iter_num) + evals_left * eval_time
+            t0, t_iter = time.time(), iter_num
+            if master:
+                terms = f"ar {ar.item():.4f}" + (f", diff {diff.item():.4f}" if diff is not None else "")
+                print(f"iter {iter_num}: loss {lossf:.4f} ({terms}), lr {lr_now:.2e}, {1000 * dt:.0f} ms/iter, "
+                      f"{tokens_per_iter / dt:,.0f} tok/s, {int(left) // 60}m{int(left) % 60:02d}s left", flush=True)
+except KeyboardInterrupt:
+    stop_interrupted(f"at iter {iter_num}")
 
 if ddp:
     destroy_process_group()

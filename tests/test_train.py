@@ -1,16 +1,20 @@
 """data/prepare.py and train.py end to end, on the CPU, with tiny models and everything in a temp dir."""
+import importlib.metadata
+import json
 import os
+import platform
 import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
-from data.prepare import is_val, prepare_file, prepare_stdlib
-from tidar import GPT, GPTConfig, get_tokenizer
+from data.prepare import get_tokenizer, is_val, prepare_file, prepare_pycode
+from tidar import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--seq_len=32", "--block_len=4", "--batch_size=8",
@@ -25,6 +29,33 @@ def run(*args, env=None):
 
 def train(*args, **kw):
     return run(os.path.join(ROOT, "train.py"), *args, **kw)
+
+
+def run_after(prelude, script, *args):
+    """script run as a user runs it, after `prelude` (Python code) has patched something to fail."""
+    launch = f"import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path({script!r}, run_name='__main__')"
+    return run("-c", f"{prelude}\n{launch}", script, *args)
+
+
+def fail_call(name, n, error, half_file=False):
+    """A prelude: the n-th call of name (like 'torch.optim.AdamW.step') raises error; half_file: it first writes
+    half a file where torch.save(obj, path) would have written, as a full disk or a Ctrl-C mid-write leaves it."""
+    owner, attr = name.rsplit(".", 1)
+    return f"""
+import {name.split(".")[0]}
+real, calls = {owner}.{attr}, [0]
+def fault(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {n}:
+        if {half_file}:
+            open(args[1], "wb").write(b"half a checkpoint")
+        raise {error}
+    return real(*args, **kwargs)
+{owner}.{attr} = fault
+"""
+
+
+CTRL_C, DISK_FULL = "KeyboardInterrupt()", "OSError(28, 'No space left on device')"
 
 
 def evals(stdout):
@@ -47,7 +78,7 @@ def read_docs(path, eot):
 # --- data/prepare.py
 
 
-def make_stdlib(root, names):
+def make_sources(root, names):
     for name in names:
         path = os.path.join(root, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -58,29 +89,54 @@ def make_stdlib(root, names):
 
 def test_prepare_stdlib_split_meta_and_round_trip(tmp_path):
     names = [f"mod{i}.py" for i in range(40)] + ["pkg/sub.py"]
-    texts = make_stdlib(tmp_path / "lib", names)
-    make_stdlib(tmp_path / "lib", ["site-packages/numpy.py", "__pycache__/x.py", "pkg/README.txt"])
+    texts = make_sources(tmp_path / "lib", names)
+    make_sources(tmp_path / "lib", ["site-packages/numpy.py", "__pycache__/x.py", "pkg/README.txt"])
     (tmp_path / "lib" / "latin1.py").write_bytes(b"# caf\xe9\n")  # not UTF-8: skipped
-    meta = prepare_stdlib(tmp_path / "out", root=tmp_path / "lib")
+    meta = prepare_pycode(tmp_path / "out", stdlib=tmp_path / "lib", packages=())
 
-    assert {k: meta[k] for k in ("tokenizer", "vocab_size", "mask_id", "eot_id", "n_files")} == \
-        dict(tokenizer="byte", vocab_size=257, mask_id=257, eot_id=256, n_files=len(names))
-    assert meta["python_version"] == ".".join(map(str, sys.version_info[:3]))
+    assert {k: meta[k] for k in ("tokenizer", "vocab_size", "mask_id", "eot_id", "n_files", "files")} == \
+        dict(tokenizer="byte", vocab_size=257, mask_id=257, eot_id=256, n_files=len(names), files={"stdlib": 41})
+    assert meta["versions"] == {"python": ".".join(map(str, sys.version_info[:3]))}
     assert re.fullmatch("[0-9a-f]{64}", meta["corpus_sha256"])
     enc = get_tokenizer("byte")
     split = {s: [enc.decode(d) for d in read_docs(tmp_path / "out" / f"{s}.bin", 256)] for s in ("train", "val")}
     assert sorted(split["train"] + split["val"]) == sorted(texts.values())  # lossless, nothing else got in
-    assert split["val"] == [texts["mod15.py"]] and not is_val("pkg/sub.py")  # pinned: a hash of the path
-    assert meta["val_tokens"] == len(texts["mod15.py"].encode()) + 1
+    val = [texts[f"mod{i}.py"] for i in (15, 28, 36)]  # pinned: a hash of the name, stdlib/mod15.py ...
+    assert split["val"] == val and not is_val("stdlib/pkg/sub.py")
+    assert meta["val_tokens"] == sum(len(t.encode()) + 1 for t in val)
 
     # the split does not move when files come and go, and the corpus hash does
-    texts2 = make_stdlib(tmp_path / "lib2", names[10:] + [f"new{i}.py" for i in range(40)])
-    meta2 = prepare_stdlib(tmp_path / "out2", root=tmp_path / "lib2")
+    texts2 = make_sources(tmp_path / "lib2", names[10:] + [f"new{i}.py" for i in range(40)])
+    meta2 = prepare_pycode(tmp_path / "out2", stdlib=tmp_path / "lib2", packages=())
     val2 = [enc.decode(d) for d in read_docs(tmp_path / "out2" / "val.bin", 256)]
-    assert texts["mod15.py"] in val2 and len(val2) == 3  # and two of the new files
-    assert all(is_val(n) == (t in val2) for n, t in texts2.items())
+    assert set(val) <= set(val2) and len(val2) == 4  # and one of the new files
+    assert all(is_val(f"stdlib/{n}") == (t in val2) for n, t in texts2.items())
     assert meta2["corpus_sha256"] != meta["corpus_sha256"]
     assert 0.03 < np.mean([is_val(f"pkg{i}/m{j}.py") for i in range(50) for j in range(40)]) < 0.07
+
+
+def test_prepare_adds_the_installed_packages(tmp_path, monkeypatch):
+    # a package as pip installs one: its folder, found through sys.path, and its version in a .dist-info
+    make_sources(tmp_path / "lib", ["os.py"])
+    fake = make_sources(tmp_path / "site" / "fakepkg", ["__init__.py", "sub/mod.py"] + [f"m{i}.py" for i in range(40)])
+    make_sources(tmp_path / "site" / "fakepkg", ["__pycache__/m0.py"])  # caches are skipped
+    (tmp_path / "site" / "fakepkg-1.2.3.dist-info").mkdir()
+    (tmp_path / "site" / "fakepkg-1.2.3.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: fakepkg\n"
+                                                                         "Version: 1.2.3\n")
+    monkeypatch.syspath_prepend(tmp_path / "site")
+    meta = prepare_pycode(tmp_path / "out", stdlib=tmp_path / "lib", packages=("fakepkg",))
+
+    assert meta["files"] == {"stdlib": 1, "fakepkg": 42} and meta["n_files"] == 43
+    assert meta["versions"]["fakepkg"] == "1.2.3" and "fakepkg" in meta["source"]
+    enc = get_tokenizer("byte")
+    val = [enc.decode(d) for d in read_docs(tmp_path / "out" / "val.bin", 256)]
+    assert val == [fake["m0.py"], fake["m12.py"], fake["m28.py"]]  # by the hash of fakepkg/m0.py ...
+    assert meta["train_tokens"] + meta["val_tokens"] == sum(len(t.encode()) + 1 for t in fake.values()) + \
+        len(open(tmp_path / "lib" / "os.py", "rb").read()) + 1
+
+    with pytest.raises(FileNotFoundError, match="'nosuchpkg' is not installed: pip install -r requirements.txt"):
+        prepare_pycode(tmp_path / "out2", stdlib=tmp_path / "lib", packages=("nosuchpkg",))
+    assert not (tmp_path / "out2").exists()
 
 
 def test_prepare_cli_own_text(tmp_path):
@@ -108,6 +164,14 @@ def test_prepare_gpt2_without_vocabulary_says_what_to_do(tmp_path):
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert "TIKTOKEN_CACHE_DIR" in r.stderr and "--tokenizer=byte" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_prepare_cli_ctrl_c_leaves_nothing(tmp_path):
+    (tmp_path / "mine.txt").write_text("hello\n" * 100)
+    r = run_after(fail_call("tiktoken.Encoding.encode_ordinary_batch", 1, CTRL_C), "data/prepare.py",
+                  "--input", str(tmp_path / "mine.txt"), "--name", str(tmp_path / "mine"))
+    assert r.returncode == 130 and r.stderr == f"prepare.py: interrupted; nothing was left in {tmp_path / 'mine'}\n"
+    assert os.listdir(tmp_path / "mine") == []
 
 
 # --- train.py
@@ -180,34 +244,184 @@ def test_torchrun_two_processes_with_gloo(trained, tmp_path):
 
 
 def test_missing_default_dataset_is_prepared(tmp_path):
-    r = train(f"--data_dir={tmp_path / 'pystdlib'}", f"--out_dir={tmp_path / 'out'}", "--max_iters=1",
-              "--eval_iters=1", *TINY)
+    # the real default, this machine's Python sources (about 6 s): what `python train.py` does the first time
+    r = train(f"--data_dir={tmp_path / 'pycode'}", f"--out_dir={tmp_path / 'out'}", *TINY, "--max_iters=1",
+              "--eval_iters=1")
     assert r.returncode == 0, r.stderr
     assert "preparing the default dataset" in r.stdout
-    meta = (tmp_path / "pystdlib" / "meta.json").read_text()
-    assert '"source": "python stdlib"' in meta and '"n_files": ' in meta
+    meta = json.loads((tmp_path / "pycode" / "meta.json").read_text())
+    assert meta["versions"] == dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                                    tiktoken=importlib.metadata.version("tiktoken"))
+    assert meta["files"]["stdlib"] > 500 and meta["files"]["torch"] > 500 and meta["files"]["numpy"] > 100
+    assert meta["n_files"] == sum(meta["files"].values())
+    assert os.path.getsize(tmp_path / "pycode" / "train.bin") == 2 * meta["train_tokens"] > 10 * meta["val_tokens"]
 
 
-@pytest.mark.parametrize("case,args,message,code", [
-    ("unknown setting", ["--n_layers=2"], "unknown setting '--n_layers=2' (did you mean --n_layer?)", 2),
-    ("wrong type", ["--batch_size=2.5"], "--batch_size=2.5: expected int", 2),
-    ("wrong choice", ["--objective=diffusion"], "expected one of 'tidar', 'ar'", 2),
-    ("missing dataset", ["--data_dir={tmp}/nowhere"], "no dataset in", 1),
-    ("unreadable checkpoint", ["--init_from=resume"], "cannot read checkpoint", 1),
-    ("incompatible checkpoint", ["--init_from=resume", "--n_layer=2"], "n_layer=1 in the checkpoint but 2 now", 1),
-    ("foreign checkpoint", ["--init_from=resume"], "is incompatible: it lacks", 1),
-    ("nan loss", ["--init_from=resume", "--lr=1e30", "--max_iters=60", "--log_interval=1"], "training diverged", 1),
-])
-def test_bad_input_one_line_and_the_checkpoint_is_intact(trained, tmp_path, case, args, message, code):
+def test_cpu_preset_instead_of_the_gpu_defaults(trained, tmp_path):
+    data_dir, _, _ = trained
+    r = train(f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cpu", "--max_iters=1", "--eval_iters=1",
+              "--batch_size=1")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.splitlines()[0]
+    assert line.startswith("no GPU: training the CPU preset instead of the GPU defaults (")
+    assert "as set, it takes about 9 minutes on 2 cores" in line
+    config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["train_config"]
+    said = dict(re.findall(r"(\w+)=([^\s)]+)", line))  # the values it trains with, listed in that line
+    assert said and all(str(config[k]) == v for k, v in said.items())
+    assert config["n_layer"] != 8 and config["seq_len"] != 1024  # not the GPU defaults (--help lists those)
+    assert said["max_iters"] == said["batch_size"] == "1"  # the command line wins over the preset
+    # the README's sample command works on the preset's model as written (new tokens: what the context leaves)
+    r = run("sample.py", f"--out_dir={tmp_path}", "--prompt", "def fibonacci(n):", "--compare", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    fits = config["seq_len"] - len("def fibonacci(n):") - 2 * config["block_len"]
+    assert f"--- TiDAR: {min(256, fits)} new tokens" in r.stdout and "outputs identical: True" in r.stdout
+
+
+def test_help_lists_the_settings_and_the_gpu_defaults():
+    for flag in ("--help", "-h"):
+        r = train(flag)
+        assert r.returncode == 0 and r.stderr == ""
+        assert re.search(r"--block_len=16 +# B >= 1, the mask block length", r.stdout)
+        assert all(f"--{kv} " in r.stdout for kv in ("n_layer=8", "n_embd=512", "seq_len=1024", "batch_size=32",
+                                                     "max_iters=4000", "overwrite=False", "data_dir=data/pycode"))
+        assert "with no GPU, a fresh run takes instead" in r.stdout
+
+
+def test_resume_is_exact(trained, tmp_path):
+    """Interrupted after its checkpoint at iter 8 and resumed, a run ends bit for bit where it would have ended."""
+    data_dir, _, _ = trained
+    args = [f"--data_dir={data_dir}", *TINY, "--max_iters=12", "--eval_interval=4", "--grad_accum=2"]
+    with ThreadPoolExecutor(2) as pool:
+        whole = pool.submit(train, *args, f"--out_dir={tmp_path / 'whole'}")
+        cut = pool.submit(run_after, fail_call("torch.optim.AdamW.step", 10, CTRL_C), "train.py", *args,
+                          f"--out_dir={tmp_path / 'cut'}")
+    whole, cut = whole.result(), cut.result()
+    assert whole.returncode == 0, whole.stderr
+    assert cut.returncode == 130 and cut.stderr == \
+        f"train.py: interrupted at iter 9; the last checkpoint is {tmp_path / 'cut' / 'ckpt.pt'} (iter 8)\n"
+    assert os.listdir(tmp_path / "cut") == ["ckpt.pt"]
+    resumed = train(f"--out_dir={tmp_path / 'cut'}", "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    def eval_lines(stdout):
+        return [line for line in stdout.splitlines() if line.startswith(("eval 8:", "eval 12:"))]
+
+    assert len(eval_lines(whole.stdout)) == 2 and eval_lines(resumed.stdout) == eval_lines(whole.stdout)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "cut"))
+    assert a["iter_num"] == b["iter_num"] == 12 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_overwrite_true_replaces_the_checkpoint(trained, tmp_path):
     data_dir, out_dir, _ = trained
     shutil.copytree(out_dir, tmp_path / "out")
-    ckpt = tmp_path / "out" / "ckpt.pt"
-    if case == "unreadable checkpoint":
-        ckpt.write_bytes(b"not a checkpoint")
-    if case == "foreign checkpoint":
-        torch.save({"state_dict": {}}, ckpt)
-    before = ckpt.read_bytes()
-    r = train(f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", *TINY, *(a.format(tmp=tmp_path) for a in args))
-    assert r.returncode == code
-    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("train.py: error: ") and message in r.stderr
-    assert ckpt.read_bytes() == before and os.listdir(tmp_path / "out") == ["ckpt.pt"]
+    r = train(f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", *TINY, "--max_iters=2", "--eval_interval=2",
+              "--overwrite=True")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] == 2
+
+
+# Each bad input: one line on stderr and a non-zero exit status, and the case's folder exactly as it was (the
+# checkpoint intact, no half-written file). Every case gets a folder {tmp} with data/, a copy of the fixture's
+# dataset, and out/, a copy of its checkpoint at iter 40; the command line is --data_dir={tmp}/data
+# --out_dir={tmp}/out, TINY, then the case's own settings. Exit status 2: a usage error, found before anything runs.
+BAD_INPUTS = [  # (case, settings, message, exit status)
+    *((arg, [arg], f"{arg}: must be > 0", 2) for arg in (
+        "--block_len=0", "--n_head=0", "--eval_interval=0", "--eval_interval=-1", "--log_interval=0",
+        "--eval_iters=0", "--grad_accum=0", "--batch_size=0", "--batch_size=-1", "--max_iters=-5", "--n_layer=0",
+        "--seq_len=0")),
+    ("--lr=-1", ["--lr=-1"], "--lr=-1.0: must be > 0", 2),
+    ("--alpha=-1", ["--alpha=-1"], "--alpha=-1.0: must be >= 0", 2),
+    ("--warmup_iters=-10", ["--warmup_iters=-10"], "--warmup_iters=-10: must be >= 0", 2),
+    ("min_lr above lr", ["--min_lr=0.1"], "--min_lr=0.1 is above --lr=0.003", 2),
+    ("beta2=1", ["--beta2=1.0"], "--beta2=1.0: must be in [0, 1)", 2),
+    ("unknown setting", ["--n_layers=2"], "unknown setting '--n_layers=2' (did you mean --n_layer?)", 2),
+    ("value after a space", ["--out_dir", "out"], "--out_dir needs its value after '=', as in --out_dir=", 2),
+    ("wrong type", ["--batch_size=2.5"], "--batch_size=2.5: expected int", 2),
+    ("wrong choice", ["--objective=diffusion"], "expected one of 'tidar', 'ar'", 2),
+    ("fresh run over a checkpoint", [], "{tmp}/out/ckpt.pt already exists: continue it with --init_from=resume, "
+                                        "train into another --out_dir, or replace it with --overwrite=True", 1),
+    ("unwritable out_dir", ["--out_dir={tmp}/data/meta.json/out"], "cannot write to --out_dir={tmp}/data/meta.json", 1),
+    ("read-only out_dir", ["--out_dir={tmp}/ro"], "cannot write to --out_dir={tmp}/ro (Permission denied)", 1),
+    ("no room for a checkpoint", ["--out_dir={tmp}/new"], "MB free, and a checkpoint needs about", 1),
+    ("disk full while saving", ["--init_from=resume", "--max_iters=44", "--eval_interval=4"],
+     "at iter 44 (No space left on device); the last checkpoint is {tmp}/out/ckpt.pt (iter 40), untouched", 1),
+    ("missing dataset", ["--data_dir={tmp}/nowhere", "--out_dir={tmp}/new"], "no dataset in", 1),
+    ("truncated train.bin", ["--out_dir={tmp}/new"], "train.bin ends in half a token", 1),
+    ("missing train.bin", ["--out_dir={tmp}/new"], "train.bin is missing: the dataset in", 1),
+    ("missing val.bin", ["--out_dir={tmp}/new"], "val.bin is missing: the dataset in", 1),
+    ("damaged meta.json", ["--out_dir={tmp}/new"], "meta.json is not a complete meta.json", 1),
+    ("unreadable checkpoint", ["--init_from=resume"], "cannot read checkpoint", 1),
+    ("incompatible checkpoint", ["--init_from=resume", "--max_iters=60", "--n_layer=2"],
+     "n_layer=1 in the checkpoint but 2 now", 1),
+    ("foreign checkpoint", ["--init_from=resume"], "is incompatible: it lacks", 1),
+    ("finished checkpoint", ["--init_from=resume"], "is already at iter 40 of --max_iters=40: raise --max_iters", 1),
+    ("nan loss", ["--init_from=resume", "--lr=1e30", "--max_iters=60", "--log_interval=1"], "training diverged", 1),
+    ("Ctrl-C in training", ["--init_from=resume", "--max_iters=60"],
+     "interrupted at iter 41; the last checkpoint is {tmp}/out/ckpt.pt (iter 40)", 130),
+    ("Ctrl-C in evaluation", ["--init_from=resume", "--max_iters=60", "--eval_interval=4"],
+     "interrupted at iter 44; the last checkpoint is {tmp}/out/ckpt.pt (iter 40)", 130),
+    ("Ctrl-C while saving", ["--init_from=resume", "--max_iters=44", "--eval_interval=4"],
+     "interrupted at iter 44; the last checkpoint is {tmp}/out/ckpt.pt (iter 40)", 130),
+    ("Ctrl-C while preparing data", ["--data_dir={tmp}/pycode", "--out_dir={tmp}/new"],
+     "interrupted while preparing {tmp}/pycode (nothing of it was kept; the next run prepares it again); "
+     "no checkpoint was written", 130),
+]
+SETUP = {  # what the case breaks in its folder first
+    "truncated train.bin": lambda tmp: open(tmp / "data" / "train.bin", "ab").write(b"\0"),
+    "missing train.bin": lambda tmp: os.remove(tmp / "data" / "train.bin"),
+    "missing val.bin": lambda tmp: os.remove(tmp / "data" / "val.bin"),
+    "damaged meta.json": lambda tmp: (tmp / "data" / "meta.json").write_text('{"vocab_size": 257, "eot'),
+    "unreadable checkpoint": lambda tmp: (tmp / "out" / "ckpt.pt").write_bytes(b"not a checkpoint"),
+    "foreign checkpoint": lambda tmp: torch.save({"state_dict": {}}, tmp / "out" / "ckpt.pt"),
+}
+READ_ONLY = """
+import builtins
+real_open = builtins.open
+def read_only(path, mode="r", *args, **kwargs):  # a folder named ro/ where nothing may be written, even by root
+    if "/ro/" in str(path) and mode[0] in "wax":
+        raise PermissionError(13, "Permission denied", str(path))
+    return real_open(path, mode, *args, **kwargs)
+builtins.open = read_only
+"""
+PRELUDE = {  # what fails while it runs (Ctrl-C is a KeyboardInterrupt raised there)
+    "read-only out_dir": READ_ONLY,
+    "no room for a checkpoint": "import shutil, types\nshutil.disk_usage = lambda path: types.SimpleNamespace(free=1)",
+    "disk full while saving": fail_call("torch.save", 1, DISK_FULL, half_file=True),
+    "Ctrl-C in training": fail_call("torch.optim.AdamW.step", 2, CTRL_C),
+    "Ctrl-C in evaluation": fail_call("tidar.tidar_loss", 10, CTRL_C),  # val batches 1-4 at iter 40, 9-12 at 44
+    "Ctrl-C while saving": fail_call("torch.save", 1, CTRL_C, half_file=True),
+    "Ctrl-C while preparing data": fail_call("tiktoken.Encoding.encode_ordinary_batch", 3, CTRL_C),
+}
+
+
+def files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(trained, tmp_path_factory):
+    """{case: (its folder, the files in it before, the run)}, the runs two at a time: most of each is start-up."""
+    data_dir, out_dir, _ = trained
+    cases = {}
+    for case, args, _, _ in BAD_INPUTS:
+        tmp = tmp_path_factory.mktemp("bad")
+        shutil.copytree(data_dir, tmp / "data")
+        shutil.copytree(out_dir, tmp / "out")
+        SETUP.get(case, lambda tmp: None)(tmp)
+        args = [f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'out'}", *TINY, *(a.format(tmp=tmp) for a in args)]
+        cases[case] = tmp, files(tmp), args
+    with ThreadPoolExecutor(3) as pool:
+        runs = {case: pool.submit(run_after, PRELUDE[case], "train.py", *args) if case in PRELUDE else
+                pool.submit(train, *args) for case, (_, _, args) in cases.items()}
+    return {case: (tmp, before, runs[case].result()) for case, (tmp, before, _) in cases.items()}
+
+
+@pytest.mark.parametrize("case,message,code", [(case, message, code) for case, _, message, code in BAD_INPUTS])
+def test_bad_input_one_line_and_nothing_changed(bad_runs, case, message, code):
+    tmp, before, r = bad_runs[case]
+    assert r.returncode == code, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and message.format(tmp=tmp) in r.stderr
+    assert r.stderr.startswith("train.py: interrupted" if code == 130 else "train.py: error: ")
+    assert files(tmp) == before  # the checkpoint as it was, no half-written file or probe left behind
+    if code == 2:
+        assert r.stdout == ""  # stopped before anything else happened

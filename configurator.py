@@ -1,0 +1,56 @@
+"""
+Command-line settings for train.py, in the manner of nanoGPT's configurator.py: each setting at the top of
+train.py is overridden with --name=value under the same name, and --help lists them with their comments.
+A wrong name, type or choice is one line on stderr and exit status 2 (a usage error), before anything slow
+happens; fail() is also train.py's one way to stop on a bad input.
+"""
+import ast
+import difflib
+import os
+import re
+import sys
+
+
+def fail(msg, code=1):
+    print(f"train.py: error: {msg}", file=sys.stderr)  # one line, no traceback
+    sys.exit(code)
+
+
+def parse_overrides(args, settings, choices, script, cpu_preset):
+    """{name: value} for args like ["--n_layer=4", "--out_dir=out2"], each checked against settings[name]."""
+    if "--help" in args or "-h" in args:
+        print_help(settings, script, cpu_preset)
+        sys.exit(0)
+    overrides = {}
+    for arg in args:
+        key, eq, raw = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and key in settings and not eq:
+            fail(f"{arg} needs its value after '=', as in {arg}={settings[key]} (a value after a space is not read)", 2)
+        if not arg.startswith("--") or key not in settings:
+            near = difflib.get_close_matches(key, settings, 1)
+            fail(f"unknown setting {arg!r}" + (f" (did you mean --{near[0]}?)" if near else "") +
+                 "; settings are written --name=value, and `python train.py --help` lists them", 2)
+        default = settings[key]
+        try:  # a Python literal, or the bare text for settings that are strings
+            value = raw if isinstance(default, str) and key not in choices else ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        value = float(value) if type(default) is float and type(value) is int else value
+        if key in choices and not any(value == c and type(value) is type(c) for c in choices[key]):
+            fail(f"--{key}={raw}: expected one of {', '.join(map(repr, choices[key]))}", 2)
+        if key not in choices and type(value) is not type(default):
+            fail(f"--{key}={raw}: expected {type(default).__name__} (like --{key}={default!r})", 2)
+        overrides[key] = value
+    return overrides
+
+
+def print_help(settings, script, cpu_preset):
+    """The script's docstring, then each setting with its default and the comment beside it in the script."""
+    source = open(script).read()
+    comments = dict(re.findall(r"^(\w+) = .*?  # (.*)$", source, re.M))
+    print(f"usage: python {os.path.basename(script)} [--name=value ...]\n\n{ast.get_docstring(ast.parse(source))}")
+    print("\nsettings, with their defaults:")
+    for key, default in settings.items():
+        print(f"  --{key}={default}".ljust(28) + f"  # {comments.get(key, '')}")
+    print("\nwith no GPU, a fresh run takes instead (unless set on the command line):\n  " +
+          " ".join(f"--{k}={v}" for k, v in cpu_preset.items()))
