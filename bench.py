@@ -80,7 +80,7 @@ def bench_batch_one(models, prompts, draft_lens, max_new_tokens, device):
         ar_speed = results["AR"][1] / results["AR"][0]
         for name, (s, n, f, outs) in results.items():
             same = "" if name == "AR" else outs == results["AR"][3]
-            print(f"{name:>10} {n:7d} {f:9d} {n / f:8.2f} {1e3 * s / (f / len(prompts)):7.2f} {n / s:9.1f} "
+            print(f"{name:>10} {n:7d} {f:9d} {n / f:8.2f} {1e3 * s / f:7.2f} {n / s:9.1f} "
                   f"{n / s / ar_speed:7.2f}x  {same}")
 
 
@@ -91,19 +91,22 @@ def bench_batches(models, prompts, batch_sizes, draft_lens, max_new_tokens, devi
     for (dtype, capture), model in models.items():
         print(f"\n{dtype}, {'captured (CUDA graphs)' if capture else 'eager'}")
         names = ["AR"] + [f"TiDAR k={k}" for k in draft_lens]
-        print(f"{'batch':>6}" + "".join(f" {n:>11}" for n in names) + "".join(f" {'vs AR k=' + str(k):>10}" for k in draft_lens))
+        print(f"{'batch':>6}" + "".join(f" {n:>11}" for n in names)
+              + "".join(f" {'vs AR k=' + str(k):>10}" for k in draft_lens))
         stops = {k: None for k in draft_lens}  # the first batch at which TiDAR is not faster
         for B in batch_sizes:
             results = decode_all(model, [prompts[:B]], draft_lens, max_new_tokens, device, capture)
             speed = {name: n / s for name, (s, n, f, outs) in results.items()}
             ratios = {k: speed[f"TiDAR k={k}"] / speed["AR"] for k in draft_lens}
-            print(f"{B:6d}" + "".join(f" {speed[n]:11.1f}" for n in names) + "".join(f" {ratios[k]:9.2f}x" for k in draft_lens))
+            print(f"{B:6d}" + "".join(f" {speed[n]:11.1f}" for n in names)
+                  + "".join(f" {ratios[k]:9.2f}x" for k in draft_lens))
             stops.update({k: B for k in draft_lens if stops[k] is None and ratios[k] <= 1})
         for k, B in stops.items():
             before = batch_sizes[batch_sizes.index(B) - 1] if B and B != batch_sizes[0] else None
-            print(f"TiDAR k={k}: " + ("faster than AR at every batch measured, up to " + str(batch_sizes[-1]) if B is None
-                                       else f"faster than AR up to batch {before}, not at {B}" if before
-                                       else f"not faster than AR, even at batch {B}"))
+            verdict = (f"faster than AR at every batch measured, up to {batch_sizes[-1]}" if B is None
+                       else f"faster than AR up to batch {before}, not at {B}" if before
+                       else f"not faster than AR, even at batch {B}")
+            print(f"TiDAR k={k}: {verdict}")
 
 def bench_query_sweep(models, cache_len, max_queries, draft_lens, repeats, device):
     # A forward's cost hardly grows with its query count until the device is compute-bound: the slots below
@@ -121,7 +124,8 @@ def bench_query_sweep(models, cache_len, max_queries, draft_lens, repeats, devic
         for T in sizes:
             cache = KVCache(config, 1, cache_len + T, device, next(m.parameters()).dtype)
             with torch.no_grad():
-                m(tokens[:, :cache_len], torch.arange(cache_len, device=device), causal_mask(cache_len, 0, cache.max_len, device), cache)
+                prefix = causal_mask(cache_len, 0, cache.max_len, device)
+                m(tokens[:, :cache_len], torch.arange(cache_len, device=device), prefix, cache)
                 cache.length.fill_(cache_len)
                 idx, pos = tokens[:, cache_len : cache_len + T], torch.arange(cache_len, cache_len + T, device=device)
                 mask = causal_mask(T, cache_len, cache.max_len, device)
@@ -133,7 +137,8 @@ def bench_query_sweep(models, cache_len, max_queries, draft_lens, repeats, devic
     print(f"{'queries':>8}" + "".join(f" {d + (' graph' if c else ' eager'):>16} {'vs 1':>5}" for d, c in columns))
     for T in sizes:
         mark = f"  <- k + k*k for k = {marks[T]}" if T in marks else ""
-        print(f"{T:8d}" + "".join(f" {ms[d, c, T]:16.3f} {ms[d, c, T] / ms[d, c, sizes[0]]:5.2f}" for d, c in columns) + mark)
+        cells = "".join(f" {ms[d, c, T]:16.3f} {ms[d, c, T] / ms[d, c, sizes[0]]:5.2f}" for d, c in columns)
+        print(f"{T:8d}{cells}{mark}")
     if beyond:
         print(f"(not run, cache + queries beyond the model's context of {config.seq_len}: {beyond})")
 
@@ -153,7 +158,7 @@ def bench_training(model, batch, repeats, device):
 
     def step(objective):
         with autocast:
-            loss = training_loss(forward, config, x, y, objective)[0]
+            loss = training_loss(forward, config, x, y, objective, flex=compiled)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -208,7 +213,8 @@ def main(args):
         fail(f"--dtypes={args.dtypes}: use torch dtype names, like --dtypes=float32,bfloat16")
     if min(draft_lens) < 1 or min(batch_sizes) < 1 or args.num_prompts < 1 or args.prompt_len < 1:
         fail("draft lengths, batch sizes, --num_prompts and --prompt_len must be at least 1")
-    args.max_new_tokens = args.max_new_tokens or max(1, min(256, config.seq_len - args.prompt_len - 2 * max(draft_lens)))
+    room = 2 * max(draft_lens)  # the last step's blocks reach 2k - 1 positions past the last token
+    args.max_new_tokens = args.max_new_tokens or max(1, min(256, config.seq_len - args.prompt_len - room))
     args.cache_len = args.cache_len or min(256, config.seq_len // 2)
     check_fits(config, args.prompt_len, args.max_new_tokens, 2 * max(draft_lens))
     prompts = val_prompts(args.data_dir, max(args.num_prompts, max(batch_sizes)), args.prompt_len, config)

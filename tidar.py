@@ -29,7 +29,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 257  # tokenizer vocabulary; [MASK] is the extra id vocab_size (byte: 256 + <|endoftext|>)
+    vocab_size: int = 257  # the tokenizer's vocabulary (train.py takes it from the dataset); [MASK] is the extra id
     eot_id: int = 256  # <|endoftext|>: decoding stops there
     seq_len: int = 1024  # S, the context: training length of the clean half, and the largest position + 1
     block_len: int = 16  # B, the mask block length used in training; the default draft length k
@@ -220,10 +220,9 @@ def tidar_training_mask(seq_len, block_len, device=None):
 
 
 @functools.lru_cache(maxsize=8)
-def tidar_training_block_mask(seq_len, block_len, device):
-    """The same pattern as a FlexAttention BlockMask, built once: tiles that are all False are never computed."""
-    allowed = lambda b, h, i, j: training_allowed(i, j, seq_len, block_len)
-    return create_block_mask(allowed, None, None, 2 * seq_len, 2 * seq_len, device=device)
+def flex_mask(allowed, n, device, **lengths):
+    """An (n, n) pattern as a FlexAttention BlockMask, built once: its tiles that are all False are never computed."""
+    return create_block_mask(lambda b, h, i, j: allowed(i, j, **lengths), None, None, n, n, device=device)
 
 
 def prefill_mask(P, k, n_query=None, n_keys=None, device=None):
@@ -258,20 +257,26 @@ def decode_step_positions(L, k, device=None):
 # 3. Training: one forward over the doubled sequence trains both modes (README, "Training: the doubled sequence")
 
 
-def tidar_inputs(x, block_len, mask_id):
-    """Clean tokens x (B, S) -> the doubled sequence: idx (B, 2S), pos (2S,), mask (2S, 2S)."""
+def tidar_inputs(x, block_len, mask_id, flex=False):
+    """
+    Clean tokens x (B, S) -> the doubled sequence: idx (B, 2S), pos (2S,), mask (2S, 2S) bool; with flex, the
+    same pattern as a FlexAttention block mask, which skips the three quarters of the mask that are False
+    (train.py sets it on CUDA under torch.compile: FlexAttention is fused only when compiled, and it has no
+    backward on the CPU).
+    """
     S = x.size(1)
     idx = torch.cat([x, torch.full_like(x, mask_id)], dim=1)  # [x_0 .. x_{S-1}, m .. m]
     pos = torch.arange(S, device=x.device).repeat(2)  # the masks repeat positions 0 .. S-1
-    if x.device.type == "cuda":  # FlexAttention skips the three quarters of the 2S x 2S mask that are False;
-        return idx, pos, tidar_training_block_mask(S, block_len, x.device)  # it has no backward on the CPU
+    if flex:
+        return idx, pos, flex_mask(training_allowed, 2 * S, x.device, S=S, B=block_len)
     return idx, pos, tidar_training_mask(S, block_len, device=x.device)
 
 
-def ar_inputs(x):
-    """The plain AR baseline: the clean half alone, causal."""
+def ar_inputs(x, flex=False):
+    """The plain AR baseline: the clean half alone, causal (through the same attention backend as TiDAR's)."""
     S = x.size(1)
-    return x, torch.arange(S, device=x.device), causal_mask(S, device=x.device)
+    mask = flex_mask(causal_allowed, S, x.device) if flex else causal_mask(S, device=x.device)
+    return x, torch.arange(S, device=x.device), mask
 
 
 def tidar_loss(logits, x, y, alpha=1.0):
@@ -286,17 +291,17 @@ def tidar_loss(logits, x, y, alpha=1.0):
     return (alpha * ar + diff) / (1 + alpha), ar, diff
 
 
-def training_loss(model, config, x, y, objective="tidar", alpha=1.0):
+def training_loss(model, config, x, y, objective="tidar", alpha=1.0, flex=False):
     """
     One batch's loss for either objective, as train.py and bench.py use it: (loss, ar_loss, diff_loss).
     'tidar': the doubled sequence. 'ar': the plain AR baseline, the same model on the clean half alone
     (diff_loss None). model may be wrapped (compiled, DDP); config is the plain model's.
     """
     if objective == "ar":
-        logits = model(*ar_inputs(x))  # (B, S, V)
+        logits = model(*ar_inputs(x, flex))  # (B, S, V)
         ar = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         return ar, ar, None
-    return tidar_loss(model(*tidar_inputs(x, config.block_len, config.mask_id)), x, y, alpha)  # (B, 2S, V)
+    return tidar_loss(model(*tidar_inputs(x, config.block_len, config.mask_id, flex)), x, y, alpha)  # (B, 2S, V)
 
 
 # -----------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from dataclasses import asdict
 from configurator import fail, parse_overrides
 
 # -----------------------------------------------------------------------------
-# Settings. The defaults train in about 5 minutes on one H100 (bf16, compiled; measured: 62 ms/iter, 308 s
-# including data preparation, compilation and evaluations): 25.4M parameters, 4000 steps of 32 sequences.
+# Settings. The defaults are sized for one GPU: 25.4M parameters, 4000 steps of 32 sequences of 1024 tokens,
+# bf16, compiled.
 out_dir = "out"  # holds ckpt.pt
 overwrite = False  # False: a fresh run refuses to replace out_dir/ckpt.pt | True: it may
 data_dir = "data/pycode"  # from data/prepare.py; a missing folder named pycode is prepared on the spot
@@ -51,9 +51,9 @@ device = "auto"  # 'auto' (cuda, then mps, then cpu) | 'cuda' | 'mps' | 'cpu'
 compile = "auto"  # 'auto' (on with CUDA, where torch.compile works) | True | False
 seed = 1337  # >= 0; fixes the initialisation and every batch
 # With no GPU (the device resolves to cpu) a fresh run takes these values instead, except those set on the
-# command line. Measured on 2 cores of an AMD EPYC: 8.5 minutes (234 ms/iter), data preparation included, val
-# loss 5.56 -> 2.14 (AR 1.57 = 2.26 bits/byte). Time on the CPU goes to the doubled sequence's attention; the
-# shape and the learning rate were chosen by short runs of equal time (wider, deeper or other lrs did no better).
+# command line. Measured on 2 cores of an AMD EPYC: 10.5 minutes (about 200 ms/iter), val loss 5.60 -> 2.45
+# (AR 1.74 nats per token of the default "code" tokenizer). Time on the CPU goes to the doubled sequence's
+# attention; the shape, context and learning rate were chosen by short runs of equal time.
 cpu_preset = dict(n_layer=4, n_head=2, n_embd=128, seq_len=256, block_len=8, batch_size=6, max_iters=2800,
                   warmup_iters=100, lr=2e-3, min_lr=2e-4, eval_interval=700, eval_iters=20)
 # -----------------------------------------------------------------------------
@@ -140,7 +140,7 @@ if master:
     if cpu_run:
         preset = " ".join(f"{k}={globals()[k]}" for k in cpu_preset)
         print(f"no GPU: training the CPU preset instead of the GPU defaults ({preset}); as set, it takes about "
-              "9 minutes on 2 cores; --help lists the settings", flush=True)
+              "10 minutes on 2 cores; --help lists the settings", flush=True)
 
 
 def last_checkpoint():
@@ -169,6 +169,7 @@ if compile == "auto":
 if device_type == "cuda":
     torch.set_float32_matmul_precision("high")  # TF32 for whatever autocast leaves in float32
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+flex = compile and device_type == "cuda"  # FlexAttention block masks: fused only when compiled, no CPU backward
 torch.manual_seed(seed)
 
 # -----------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def evaluate():
             # both objectives are scored on the doubled sequence: its AR half is exactly a causal forward
             # (README "Training: the doubled sequence"), and the diffusion half shows what the AR baseline
             # cannot do
-            logits = model(*tidar_inputs(x, block_len, mask_id))  # (b, 2S, V)
+            logits = model(*tidar_inputs(x, block_len, mask_id, flex))  # (b, 2S, V)
             _, a, d = tidar_loss(logits, x, y, alpha)
         drafts = logits[:, seq_len:].argmax(-1)  # (b, S): one-step diffusion's guess at every position
         hits += (drafts == x).view(-1, block_len).float().mean(0).cpu()  # (block_len,): by position % block_len
@@ -357,7 +358,7 @@ try:
             if ddp:  # average gradients across processes only once, on the last micro-step
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
-                loss, ar, diff = training_loss(model, model_config, x, y, objective, alpha)
+                loss, ar, diff = training_loss(model, model_config, x, y, objective, alpha, flex)
             # fetch the next micro-batch while the device works on this one
             x, y = get_batch("train", rank, iter_num * grad_accum + micro_step + 1)
             (loss / grad_accum).backward()

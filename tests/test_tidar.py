@@ -15,6 +15,9 @@ from tidar import (
     KVCache,
     SelfAttention,
     apply_rope,
+    causal_allowed,
+    flex_mask,
+    training_allowed,
     ar_inputs,
     causal_mask,
     decode_step_mask,
@@ -22,7 +25,6 @@ from tidar import (
     prefill_mask,
     tidar_inputs,
     tidar_loss,
-    tidar_training_block_mask,
     tidar_training_mask,
 )
 
@@ -239,19 +241,18 @@ def test_attention_honours_the_bool_mask(per_row):
     assert not torch.allclose(out, attn(x, cos, sin, torch.ones(T, T, dtype=torch.bool).tril()))
 
 
-def test_flex_attention_block_mask_gives_the_dense_logits(tiny):
-    # On CUDA, training attends through a FlexAttention BlockMask built from the same pattern; on the CPU
-    # FlexAttention runs forward only (unfused), which is enough to check that it computes the same thing.
-    x = torch.randint(0, 10, (2, 16))
-    idx, pos, dense = tidar_inputs(x, tiny.config.block_len, tiny.config.mask_id)
-    assert dense.dtype == torch.bool  # the CPU path
-    block_mask = tidar_training_block_mask(16, tiny.config.block_len, torch.device("cpu"))
+def test_flex_attention_block_masks_give_the_dense_logits(tiny):
+    # On CUDA under torch.compile, training attends through FlexAttention block masks built from the same
+    # patterns; on the CPU FlexAttention runs forward only (unfused), enough to check it computes the same.
+    x, B, m = torch.randint(0, 10, (2, 16)), tiny.config.block_len, tiny.config.mask_id
     with warnings.catch_warnings(), torch.no_grad():  # no backward on the CPU
         warnings.simplefilter("ignore")  # "called without torch.compile": expected here
-        flex = tiny(idx, pos, block_mask)
-        other = tiny(idx, pos, tidar_training_block_mask(16, tiny.config.block_len + 4, torch.device("cpu")))
-    torch.testing.assert_close(flex, tiny(idx, pos, dense), rtol=0, atol=1e-10)
-    assert not torch.allclose(other, flex)  # another block length: the block mask is really used
+        for flex, dense in [(tidar_inputs(x, B, m, flex=True), tidar_inputs(x, B, m)), (ar_inputs(x, True), ar_inputs(x))]:
+            assert dense[2].dtype == torch.bool and not isinstance(flex[2], torch.Tensor)
+            torch.testing.assert_close(tiny(*flex), tiny(*dense), rtol=0, atol=1e-10)
+        other = flex_mask(training_allowed, 32, torch.device("cpu"), S=16, B=B + 4)  # another block length
+        assert not torch.allclose(tiny(*tidar_inputs(x, B, m, flex=True)), tiny(*tidar_inputs(x, B, m)[:2], other))
+        assert flex_mask(causal_allowed, 16, torch.device("cpu")) is ar_inputs(x, True)[2]  # built once
 
 
 def test_forward_refuses_a_missing_or_wrong_mask(tiny):
