@@ -4,13 +4,14 @@ Prepare a dataset for train.py: train.bin and val.bin (uint16 token ids, documen
 
     python data/prepare.py                         # the default: Python sources on this machine -> data/pycode/
     python data/prepare.py --input FILE            # your own text -> data/<FILE's stem>/
-    options: --tokenizer=byte|gpt2 (default byte), --name NAME (the folder under data/, or a path)
+    options: --tokenizer=code|byte|gpt2 (default code), --name NAME (the folder under data/, or a path)
 
 The default corpus is Python code that is already wherever this project runs, so nothing is downloaded:
 the .py sources of the running interpreter's standard library and of the packages the project requires
 (torch, numpy, tiktoken); code is where TiDAR's drafts are accepted most often. With Python 3.11.7,
-torch 2.13.0, numpy 2.4.6 and tiktoken 0.14.0 that is 4,564 files (1,786 + 2,285 + 487 + 6) and 82.6M
-train + 4.5M val byte tokens, prepared in 6 s on 2 CPU cores. Files go to val by a hash of their name
+torch 2.13.0, numpy 2.4.6 and tiktoken 0.14.0 that is 4,564 files (1,786 + 2,285 + 487 + 6), 82.6M train
+and 4.5M val bytes, 68.3M and 3.8M tokens of the default tokenizer "code" (bytes, and runs of spaces as
+single tokens). Files go to val by a hash of their name
 (stdlib/os.py, torch/nn/modules/linear.py, ...). meta.json records what went in: the Python and package
 versions, the files from each source, and a sha256 of the corpus. train.py calls prepare_pycode() itself
 when data/pycode/ is missing.
@@ -35,21 +36,25 @@ SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}  # installed packa
 
 
 def get_tokenizer(name):
-    """The tokenizers, both as tiktoken Encodings so that every script uses one interface."""
-    if name == "byte":
-        # Lossless for any text and needs no download: the 256 byte values, plus <|endoftext|> = 256.
+    """The tokenizers, all as tiktoken Encodings so that every script uses one interface."""
+    if name in ("byte", "code"):
+        # Lossless for any text and needs no download: the 256 byte values, then for "code" one token for
+        # each run of 2, 4, 8 and 16 spaces (Python's indentation, a fifth of its bytes, becomes a token or
+        # two), then <|endoftext|>. Runs are merged as BPE merges pairs: 2 + 2 = 4, 4 + 4 = 8, 8 + 8 = 16.
         ranks = {bytes([b]): b for b in range(256)}
-        special = {"<|endoftext|>": 256}
-        return tiktoken.Encoding("byte", pat_str=r"\s+|\S+", mergeable_ranks=ranks, special_tokens=special)
+        if name == "code":
+            ranks.update({b" " * n: 256 + i for i, n in enumerate((2, 4, 8, 16))})
+        special = {"<|endoftext|>": len(ranks)}
+        return tiktoken.Encoding(name, pat_str=r"\s+|\S+", mergeable_ranks=ranks, special_tokens=special)
     if name == "gpt2":
         try:  # tiktoken downloads the vocabulary once, or reads it from $TIKTOKEN_CACHE_DIR
             return tiktoken.get_encoding("gpt2")
         except Exception as e:
             raise RuntimeError(
                 f"cannot load the GPT-2 BPE vocabulary ({type(e).__name__}); tiktoken needs the network once, "
-                "or a copy in the folder named by TIKTOKEN_CACHE_DIR; or use the offline tokenizer: --tokenizer=byte"
+                "or a copy in the folder named by TIKTOKEN_CACHE_DIR; or use an offline tokenizer: --tokenizer=code or byte"
             ) from None
-    raise ValueError(f"unknown tokenizer {name!r}: use 'byte' or 'gpt2'")
+    raise ValueError(f"unknown tokenizer {name!r}: use 'code', 'byte' or 'gpt2'")
 
 
 def python_sources(root, prefix):
@@ -117,7 +122,7 @@ def corpus_sha256(docs):
     return h.hexdigest()
 
 
-def prepare_pycode(out_dir=os.path.join(DATA_DIR, "pycode"), stdlib=None, packages=PACKAGES, tokenizer="byte"):
+def prepare_pycode(out_dir=os.path.join(DATA_DIR, "pycode"), stdlib=None, packages=PACKAGES, tokenizer="code"):
     """The default dataset: the standard library's .py files as stdlib/..., each package's as <name>/..."""
     stdlib = stdlib or sysconfig.get_paths()["stdlib"]
     sources = {"stdlib": python_sources(stdlib, "stdlib")}
@@ -133,7 +138,7 @@ def prepare_pycode(out_dir=os.path.join(DATA_DIR, "pycode"), stdlib=None, packag
                          n_files=len(docs), corpus_sha256=corpus_sha256(docs))
 
 
-def prepare_file(path, out_dir, tokenizer="byte"):
+def prepare_file(path, out_dir, tokenizer="code"):
     try:
         text = open(path, encoding="utf-8").read()
     except UnicodeDecodeError:
@@ -146,7 +151,7 @@ def prepare_file(path, out_dir, tokenizer="byte"):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", help="a UTF-8 text file (default: this machine's Python sources)")
-    parser.add_argument("--tokenizer", default="byte", choices=["byte", "gpt2"])
+    parser.add_argument("--tokenizer", default="code", choices=["code", "byte", "gpt2"])
     parser.add_argument("--name", help="output folder under data/, or a path (default: pycode, or the input's stem)")
     args = parser.parse_args()
     name = args.name or (os.path.splitext(os.path.basename(args.input))[0] if args.input else "pycode")

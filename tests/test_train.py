@@ -95,20 +95,20 @@ def test_prepare_stdlib_split_meta_and_round_trip(tmp_path):
     meta = prepare_pycode(tmp_path / "out", stdlib=tmp_path / "lib", packages=())
 
     assert {k: meta[k] for k in ("tokenizer", "vocab_size", "mask_id", "eot_id", "n_files", "files")} == \
-        dict(tokenizer="byte", vocab_size=257, mask_id=257, eot_id=256, n_files=len(names), files={"stdlib": 41})
+        dict(tokenizer="code", vocab_size=261, mask_id=261, eot_id=260, n_files=len(names), files={"stdlib": 41})
     assert meta["versions"] == {"python": ".".join(map(str, sys.version_info[:3]))}
     assert re.fullmatch("[0-9a-f]{64}", meta["corpus_sha256"])
-    enc = get_tokenizer("byte")
-    split = {s: [enc.decode(d) for d in read_docs(tmp_path / "out" / f"{s}.bin", 256)] for s in ("train", "val")}
+    enc = get_tokenizer("code")
+    split = {s: [enc.decode(d) for d in read_docs(tmp_path / "out" / f"{s}.bin", 260)] for s in ("train", "val")}
     assert sorted(split["train"] + split["val"]) == sorted(texts.values())  # lossless, nothing else got in
     val = [texts[f"mod{i}.py"] for i in (15, 28, 36)]  # pinned: a hash of the name, stdlib/mod15.py ...
     assert split["val"] == val and not is_val("stdlib/pkg/sub.py")
-    assert meta["val_tokens"] == sum(len(t.encode()) + 1 for t in val)
+    assert meta["val_tokens"] == sum(len(enc.encode_ordinary(t)) + 1 for t in val)
 
     # the split does not move when files come and go, and the corpus hash does
     texts2 = make_sources(tmp_path / "lib2", names[10:] + [f"new{i}.py" for i in range(40)])
     meta2 = prepare_pycode(tmp_path / "out2", stdlib=tmp_path / "lib2", packages=())
-    val2 = [enc.decode(d) for d in read_docs(tmp_path / "out2" / "val.bin", 256)]
+    val2 = [enc.decode(d) for d in read_docs(tmp_path / "out2" / "val.bin", 260)]
     assert set(val) <= set(val2) and len(val2) == 4  # and one of the new files
     assert all(is_val(f"stdlib/{n}") == (t in val2) for n, t in texts2.items())
     assert meta2["corpus_sha256"] != meta["corpus_sha256"]
@@ -128,11 +128,11 @@ def test_prepare_adds_the_installed_packages(tmp_path, monkeypatch):
 
     assert meta["files"] == {"stdlib": 1, "fakepkg": 42} and meta["n_files"] == 43
     assert meta["versions"]["fakepkg"] == "1.2.3" and "fakepkg" in meta["source"]
-    enc = get_tokenizer("byte")
-    val = [enc.decode(d) for d in read_docs(tmp_path / "out" / "val.bin", 256)]
+    enc = get_tokenizer("code")
+    val = [enc.decode(d) for d in read_docs(tmp_path / "out" / "val.bin", 260)]
     assert val == [fake["m0.py"], fake["m12.py"], fake["m28.py"]]  # by the hash of fakepkg/m0.py ...
-    assert meta["train_tokens"] + meta["val_tokens"] == sum(len(t.encode()) + 1 for t in fake.values()) + \
-        len(open(tmp_path / "lib" / "os.py", "rb").read()) + 1
+    texts = list(fake.values()) + [open(tmp_path / "lib" / "os.py").read()]
+    assert meta["train_tokens"] + meta["val_tokens"] == sum(len(enc.encode_ordinary(t)) + 1 for t in texts)
 
     with pytest.raises(FileNotFoundError, match="'nosuchpkg' is not installed: pip install -r requirements.txt"):
         prepare_pycode(tmp_path / "out2", stdlib=tmp_path / "lib", packages=("nosuchpkg",))
@@ -145,12 +145,25 @@ def test_prepare_cli_own_text(tmp_path):
     r = run("data/prepare.py", "--input", str(tmp_path / "mine.txt"), "--name", str(tmp_path / "mine"))
     assert r.returncode == 0, r.stderr
     assert "--data_dir=" in r.stdout
-    enc = get_tokenizer("byte")
-    train_docs, val_docs = (read_docs(tmp_path / "mine" / f"{s}.bin", 256) for s in ("train", "val"))
+    enc = get_tokenizer("code")
+    train_docs, val_docs = (read_docs(tmp_path / "mine" / f"{s}.bin", 260) for s in ("train", "val"))
     assert len(train_docs) == len(val_docs) == 1 and len(val_docs[0]) > 0
     assert enc.decode(train_docs[0] + val_docs[0]) == text  # split by position, val is the tail
-    meta = prepare_file(tmp_path / "mine.txt", tmp_path / "again")
+    assert len(train_docs[0]) + len(val_docs[0]) < len(text.encode())  # the indentation became single tokens
+    meta = prepare_file(tmp_path / "mine.txt", tmp_path / "again", tokenizer="byte")
     assert meta["n_files"] == 1 and meta["train_tokens"] + meta["val_tokens"] == len(text.encode()) + 2
+
+
+def test_tokenizers_round_trip_and_merge_runs_of_spaces():
+    code, byte = get_tokenizer("code"), get_tokenizer("byte")
+    assert (code.n_vocab, code.eot_token, byte.n_vocab, byte.eot_token) == (261, 260, 257, 256)
+    text = "def f(x):\n" + " " * 13 + "return  x  # ünïcode\t \n<|endoftext|>"
+    for enc in (code, byte):
+        assert enc.decode(enc.encode(text, allowed_special="all")) == text
+    assert byte.encode_ordinary(text) == list(text.encode())  # one byte, one token
+    ids = code.encode_ordinary(" " * 13 + "x")
+    assert [code.decode([t]) for t in ids] == [" " * 8, " " * 4, " ", "x"]  # runs merge as BPE merges pairs
+    assert code.encode_ordinary("a b") == byte.encode_ordinary("a b")  # single spaces stay bytes
 
 
 def test_prepare_gpt2_without_vocabulary_says_what_to_do(tmp_path):
@@ -162,7 +175,7 @@ def test_prepare_gpt2_without_vocabulary_says_what_to_do(tmp_path):
     r = run("data/prepare.py", "--input", str(tmp_path / "mine.txt"), "--name", str(tmp_path / "out"),
             "--tokenizer=gpt2", env=env)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
-    assert "TIKTOKEN_CACHE_DIR" in r.stderr and "--tokenizer=byte" in r.stderr
+    assert "TIKTOKEN_CACHE_DIR" in r.stderr and "--tokenizer=code or byte" in r.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -204,7 +217,7 @@ def test_train_writes_a_checkpoint_and_the_loss_goes_down(trained):
 
     assert os.listdir(out_dir) == ["ckpt.pt"]  # no temporary file left behind
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
-    assert ckpt["iter_num"] == 40 and ckpt["tokenizer"] == "byte"
+    assert ckpt["iter_num"] == 40 and ckpt["tokenizer"] == "code"
     assert ckpt["best_val_loss"] == pytest.approx(min(e[1] for e in ev[1:]), abs=1e-4)
     assert ckpt["train_config"]["objective"] == "tidar" and ckpt["train_config"]["n_embd"] == 32
     GPT(GPTConfig(**ckpt["model_config"])).load_state_dict(ckpt["model"])  # plain keys: no _orig_mod., module.
@@ -264,7 +277,7 @@ def test_cpu_preset_instead_of_the_gpu_defaults(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     line = r.stdout.splitlines()[0]
     assert line.startswith("no GPU: training the CPU preset instead of the GPU defaults (")
-    assert "as set, it takes about 9 minutes on 2 cores" in line
+    assert "as set, it takes about 10 minutes on 2 cores" in line
     config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["train_config"]
     said = dict(re.findall(r"(\w+)=([^\s)]+)", line))  # the values it trains with, listed in that line
     assert said and all(str(config[k]) == v for k, v in said.items())
@@ -273,8 +286,7 @@ def test_cpu_preset_instead_of_the_gpu_defaults(trained, tmp_path):
     # the README's sample command works on the preset's model as written (new tokens: what the context leaves)
     r = run("sample.py", f"--out_dir={tmp_path}", "--prompt", "def fibonacci(n):", "--compare", "--device=cpu")
     assert r.returncode == 0, r.stderr
-    fits = config["seq_len"] - len("def fibonacci(n):") - 2 * config["block_len"]
-    assert f"--- TiDAR: {min(256, fits)} new tokens" in r.stdout and "outputs identical: True" in r.stdout
+    assert "--- TiDAR: " in r.stdout and "outputs identical: True" in r.stdout  # (it may stop early at <|endoftext|>)
 
 
 def test_help_lists_the_settings_and_the_gpu_defaults():
