@@ -21,7 +21,7 @@ from tidar import causal_mask, pick_device
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 parser.add_argument("--out_dir", default="out", help="the TiDAR checkpoint of tables 1 and 3")
 parser.add_argument("--block_dirs", default="", help="comma-separated TiDAR checkpoints trained with different B")
-parser.add_argument("--drafter_dir", default="", help="a small AR checkpoint (train.py --objective=ar) on the same data")
+parser.add_argument("--drafter_dir", default="", help="a small AR checkpoint (--objective=ar) on the same data")
 parser.add_argument("--data_dir", default="data/pycode", help="folder with val.bin, for the prompts")
 parser.add_argument("--draft_lens", default="4,8,16", help="k for table 2")
 parser.add_argument("--speculative_lens", default="2,4,8", help="drafter proposals per step for table 3")
@@ -66,7 +66,8 @@ def table_rules(model, prompts, max_new_tokens, device):
     print(f"\n1. decoding rules, k = {k}: this project's lossless rule against the authors' released rule")
     print(f"{'rule':>9} {'beta':>5} {'tok/fwd':>8} {'tok/s':>9} {'vs AR':>7} {'not AR greedy':>14} "
           f"{'AR log-lik/token':>17} {'= AR':>5}")
-    tokens, forwards, seconds, ar_out, _ = measure(lambda p: (generate_ar(model, p, max_new_tokens), None), prompts, device)
+    ar = lambda p: (generate_ar(model, p, max_new_tokens), None)
+    tokens, forwards, seconds, ar_out, _ = measure(ar, prompts, device)
     ar_speed = tokens / seconds
     rows = [("AR", None, (tokens, forwards, seconds, ar_out, 0))]
     for rule in ("lossless", "paper"):
@@ -128,9 +129,10 @@ def main(args):
     for m in [model] + block_models:
         check_fits(m.config, args.prompt_len, args.max_new_tokens, 2 * max(draft_lens + [m.config.block_len]))
     if drafter is not None:
-        check_fits(drafter.config, args.prompt_len, args.max_new_tokens, max(speculative_lens) + 1)
+        for m in (model, drafter):  # speculative decoding reaches k + 1 positions past the last token
+            check_fits(m.config, args.prompt_len, args.max_new_tokens, max(speculative_lens) + 1)
         if drafter.config.vocab_size != model.config.vocab_size:
-            fail(f"the drafter in {args.drafter_dir} has another vocabulary: train it on the same data as {args.out_dir}")
+            fail(f"the drafter in {args.drafter_dir} has another vocabulary: train it on {args.out_dir}'s data")
     prompts = val_prompts(args.data_dir, args.num_prompts, args.prompt_len, model.config)
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"device: {name}, torch {torch.__version__}; {len(prompts)} prompts of {args.prompt_len} tokens, "

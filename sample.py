@@ -25,7 +25,8 @@ import torch
 from torch.nn import functional as F
 
 from data.prepare import get_tokenizer
-from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions, pick_device, prefill_mask
+from tidar import GPT, GPTConfig, KVCache, pick_device
+from tidar import causal_mask, decode_step_mask, decode_step_positions, prefill_mask
 
 # -----------------------------------------------------------------------------
 # The decoders
@@ -42,20 +43,21 @@ def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, 
     prompts, one = as_batch(prompt_ids, config.eot_id)
     check_request(config, prompts, max_new_tokens, temperature, top_k)
     cache, last = new_cache(model, prompts, max_new_tokens, 1)
-    u, draw = uniforms(len(prompts), 1, temperature, generator, cache.device)
+    u, refill = uniforms(len(prompts), 1, temperature, generator, cache.device)
     logits, _ = prefill(model, prompts, 0, cache)  # (B, V): the AR output after each prompt's last token
-    d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (B,): decided, not yet in the cache
+    refill()
+    d0, _ = choose(logits, temperature, top_k, u[:, 0])  # (B,): decided, not yet in the cache
 
     def step():  # d_0 goes into the cache; the output after it decides the next token
         L = cache.length  # (B,)
         logits = model(d0[:, None], L[:, None], causal_mask(1, L, cache.max_len, cache.device), cache)[:, 0]  # (B, V)
         y, _ = choose(logits, temperature, top_k, u[:, 0])
-        cache.length.copy_(torch.minimum(L + 1, last))  # commit d_0
+        cache.length.copy_(torch.minimum(L + 1, last))  # commit d_0 (a row never grows past `last`)
         d = d0.clone()
         d0.copy_(y)
         return d[:, None], torch.zeros_like(y), y  # fed d_0, no drafts, y
 
-    out, _ = run(step, d0, draw, max_new_tokens, config.eot_id, capture)
+    out, _ = run(step, d0, refill, max_new_tokens, config.eot_id, capture)
     return out[0] if one else out
 
 
@@ -76,14 +78,14 @@ def generate_tidar(
     check_request(config, prompts, max_new_tokens, temperature, top_k, 2 * k, k, beta, rule)
     B, T, paper = len(prompts), k + k * k, rule == "paper"
     cache, last = new_cache(model, prompts, max_new_tokens, T)
-    u, draw = uniforms(B, 2 * k, temperature, generator, cache.device)
+    u, refill = uniforms(B, 2 * k, temperature, generator, cache.device)
     rows, masks = torch.arange(B, device=cache.device), torch.full((B, k * k), config.mask_id, device=cache.device)
 
     # Prefill: each prompt (causal), then k masks at positions P .. P+k-1 that see the whole prompt and each
     # other. d_0 comes from the AR output at p_{P-1} (mixed with mask slot 0; under the paper's rule slot 0
     # alone, (choice) as at every later step); slots 1 .. k-1 are the drafts.
     ar_last, slots = prefill(model, prompts, k, cache)  # (B, V), (B, k, V)
-    draw()
+    refill()
     d0, _ = choose(slots[:, 0] if paper else mix(ar_last, slots[:, 0], beta), temperature, top_k, u[:, 0])  # (B,)
     drafts, q = choose(slots[:, 1:], temperature, top_k, u[:, 1:k])  # d_1 .. d_{k-1} (B, k-1), drawn from q (B, k-1, V)
 
@@ -93,13 +95,16 @@ def generate_tidar(
         #    block b (positions L+b .. L+b+k-1) sees the cache and d_0 .. d_{b-1}: it is the pre-draft for
         #    "d_0 .. d_{b-1} accepted". All T tokens' K/V are written to the cache past its committed length.
         d = torch.cat([d0[:, None], drafts], dim=1)  # (B, k)
+        # (choice) The paper builds one large mask once and slices it; with a length per row, the pattern
+        # function builds each row's mask from L instead, a few element-wise operations inside the step.
         pos, mask = decode_step_positions(L, k, cache.device), decode_step_mask(L, k, cache.max_len, cache.device)
         logits = model(torch.cat([d, masks], dim=1), pos, mask, cache)  # (B, T, V)
         ar, blocks = logits[:, :k], logits[:, k:].view(B, k, k, -1)  # ar[:, j]: after d_j; blocks[:, b-1]: block b
         target = mix(ar, blocks[:, :, 0], beta)  # (B, k, V): row j for position L+j+1, where block j+1's slot 0 is too
 
         # 2. Verify d_1 .. d_{k-1} in order against the AR output one position earlier; stop at the first
-        #    rejection. 3. Decide y at L+n+1: the correction, or the bonus token when all were accepted.
+        #    rejection (the paper's rule: by argmax match).
+        # 3. Decide y at L+n+1: the correction, or the bonus token when all were accepted.
         n, y = verify(probabilities(target, 0.0 if paper else temperature, top_k), q, drafts, u[:, :k])  # (B,) each
         chosen = blocks[rows, n]  # (B, k, V): block n+1, whose context is exactly the tokens now committed
         if paper:  # the authors' rule: drafts pass by argmax match, and y is slot 0 of block n+1, unverified
@@ -117,7 +122,7 @@ def generate_tidar(
         q.copy_(next_q)
         return d, n, y
 
-    out, traces = run(step, d0, draw, max_new_tokens, config.eot_id, capture)
+    out, traces = run(step, d0, refill, max_new_tokens, config.eot_id, capture)
     stats = [dict(forwards=1 + len(t), committed=[n + 1 for _, n, _ in t], trace=t) for t in traces]
     return (out[0], stats[0]) if one else (out, stats)
 
@@ -137,16 +142,17 @@ def generate_speculative(
         raise ValueError(f"the drafter's vocabulary ({drafter.config.vocab_size}) is not the target's "
                          f"({config.vocab_size}): train it on the same data")
     prompts, one = as_batch(prompt_ids, config.eot_id)
-    for c in (config, drafter.config):
-        check_request(c, prompts, max_new_tokens, temperature, top_k, k + 1, k)
+    for model in (target, drafter):
+        check_request(model.config, prompts, max_new_tokens, temperature, top_k, k + 1, k)
     B = len(prompts)
     cache, last = new_cache(target, prompts, max_new_tokens, k + 1)
     small, _ = new_cache(drafter, prompts, max_new_tokens, k + 1)  # the drafter's own cache
-    u, draw = uniforms(B, 2 * k + 1, temperature, generator, cache.device)
+    u, refill = uniforms(B, 2 * k + 1, temperature, generator, cache.device)
     rows, offsets = torch.arange(B, device=cache.device), torch.arange(k + 1, device=cache.device)
     logits, _ = prefill(target, prompts, 0, cache)  # (B, V)
     prefill(drafter, prompts, 0, small)
-    d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (B,)
+    refill()
+    d0, _ = choose(logits, temperature, top_k, u[:, 0])  # (B,)
     c = torch.tensor([p[-1] for p in prompts], device=cache.device)  # (B,): the last committed token
 
     def step():
@@ -156,10 +162,10 @@ def generate_speculative(
         small.length.copy_(L - 1)
         tokens, drafts, qs = torch.stack([c, d0], dim=1), [], []  # (B, 2)
         for j in range(k):
-            S, t = small.length, tokens.size(1)
-            out = drafter(tokens, S[:, None] + offsets[:t], causal_mask(t, S, small.max_len, cache.device), small)
-            small.length.copy_(S + t)
-            token, q = choose(out[:, -1], temperature, top_k, u[:, k + 1 + j])  # (B,), (B, V)
+            Ls, t = small.length, tokens.size(1)
+            logits = drafter(tokens, Ls[:, None] + offsets[:t], causal_mask(t, Ls, small.max_len, cache.device), small)
+            small.length.copy_(Ls + t)
+            token, q = choose(logits[:, -1], temperature, top_k, u[:, k + 1 + j])  # (B,), (B, V)
             tokens = token[:, None]
             drafts.append(token)
             qs.append(q)
@@ -176,7 +182,7 @@ def generate_speculative(
         d0.copy_(y)
         return d, n, y
 
-    out, traces = run(step, d0, draw, max_new_tokens, config.eot_id, capture)
+    out, traces = run(step, d0, refill, max_new_tokens, config.eot_id, capture)
     stats = [dict(forwards=1 + len(t), drafter_forwards=1 + k * len(t), committed=[n + 1 for _, n, _ in t], trace=t)
              for t in traces]
     return (out[0], stats[0]) if one else (out, stats)
@@ -204,7 +210,7 @@ def verify(p, q, drafts, u):
     n = accepted.long().cumprod(dim=1).sum(dim=1)  # (B,)
     rows = torch.arange(p.size(0), device=p.device)
     q = F.pad(q, (0, 0, 0, 1))  # (B, K+1, V): a zero row after the last draft, for the bonus
-    return n, sample(residual(p[rows, n], q[rows, n]), u[:, K])
+    return n, sample_from(residual(p[rows, n], q[rows, n]), u[:, K])
 
 
 def accept_probability(p, q, tokens):
@@ -231,7 +237,7 @@ def probabilities(logits, temperature, top_k):
     return F.softmax(logits, dim=-1)
 
 
-def sample(p, u):
+def sample_from(p, u):
     """Draw from p (..., V) with uniforms u (...) by inverting the cumulative distribution (no host sync)."""
     cdf = p.cumsum(dim=-1)
     return (cdf <= u[..., None] * cdf[..., -1:]).sum(dim=-1).clamp(max=p.size(-1) - 1)  # u = 0: a one-hot's token
@@ -240,7 +246,7 @@ def sample(p, u):
 def choose(logits, temperature, top_k, u):
     """Tokens for logits (..., V) and the distribution they were drawn from."""
     q = probabilities(logits, temperature, top_k)
-    return sample(q, u), q
+    return sample_from(q, u), q
 
 
 def mix(ar_logits, diffusion_logits, beta):
@@ -262,7 +268,7 @@ def check_request(config, prompts, max_new_tokens, temperature, top_k, room=0, k
     """Bad requests fail before decoding starts, each with a message that says what to change. room: the
     positions a step reaches past the last token (2k for TiDAR: its last block ends at L + 2k - 1)."""
     ids = [t for p in prompts for t in p]
-    if not all(isinstance(t, int) and 0 <= t < config.vocab_size for t in ids):  # [MASK] = vocab_size is no prompt token
+    if not all(isinstance(t, int) and 0 <= t < config.vocab_size for t in ids):  # [MASK] is no prompt token
         raise ValueError(f"prompt token ids must be ints in [0, {config.vocab_size}), got {min(ids)}..{max(ids)}")
     if k < 1:
         raise ValueError(f"draft_len must be at least 1, got {k}")
@@ -315,7 +321,8 @@ def prefill(model, prompts, k, cache):
 
 def uniforms(B, n, temperature, generator, device):
     """The random numbers of a step, (B, n), in one tensor that stays in place (a captured step reads it
-    there), and draw(), which refills it. Greedy draws none: all zeros, and u = 0 picks a one-hot's token."""
+    there), and refill(), which draws new ones before each step. Greedy draws none: all zeros, and u = 0
+    picks a one-hot's token."""
     u = torch.zeros(B, n, device=device)
     return u, lambda: u.uniform_(generator=generator) if temperature > 0 else u
 
@@ -328,7 +335,7 @@ def trim(out, eot_id, max_new_tokens):
     return out[:max_new_tokens], eot_id in out or len(out) >= max_new_tokens
 
 
-def run(step, d0, draw, max_new_tokens, eot_id, capture):
+def run(step, d0, refill, max_new_tokens, eot_id, capture):
     """
     The loop around a decoder's step: draw the step's random numbers, step, and read back, once per step,
     what the host needs: the tokens fed d (B, K+1), the accepted count n and the decided y. Each live row
@@ -340,7 +347,7 @@ def run(step, d0, draw, max_new_tokens, eot_id, capture):
     if capture and d0.is_cuda:
         step = cuda_graph(step)
     while not all(done):
-        draw()
+        refill()
         d, n, y = step()
         for b, (*d_b, n_b, y_b) in enumerate(torch.cat([d, n[:, None], y[:, None]], dim=1).tolist()):  # the sync
             if not done[b]:

@@ -14,7 +14,8 @@ import sample
 from conftest import BYTE_MODEL, write_checkpoint
 import tidar
 from sample import accept_probability, generate_ar, generate_speculative, generate_tidar, residual
-from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions, prefill_mask, tidar_inputs
+from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions, prefill_mask
+from tidar import tidar_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,7 +109,8 @@ def test_every_step_is_one_exact_cached_forward(tiny, batch):
         idx, pos, mask, cache = args
         calls[-1] = (idx.clone(), *calls[-1], out.clone())
 
-    model.register_forward_pre_hook(lambda mod, args: calls.append((args[3].length.clone(), args[3].k.clone(), args[3].v.clone())))
+    snapshot = lambda cache: (cache.length.clone(), cache.k.clone(), cache.v.clone())
+    model.register_forward_pre_hook(lambda mod, args: calls.append(snapshot(args[3])))
     model.register_forward_hook(record)
     outs, stats = generate_tidar(model, prompts if len(batch) > 1 else prompts[0], n_new, draft_len=k)
     outs, stats = (outs, stats) if len(batch) > 1 else ([outs], [stats])
@@ -165,7 +167,8 @@ def test_one_host_read_per_step(tiny, monkeypatch):
     reads = []
     for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _f=original, _n=name, **kw: reads.append(_n) or _f(t, *a, **kw))
+        counted = lambda t, *a, _f=original, _n=name, **kw: reads.append(_n) or _f(t, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
     forwards = []
     tiny.register_forward_hook(lambda *args: forwards.append(1))
     drafter = GPT(replace(tiny.config, n_layer=1)).double().eval()
@@ -328,8 +331,8 @@ def test_rejection_sampler_is_exact():
         (one_hot(2), rand().softmax(0)),  # one-hot target
         (r.softmax(0), one_hot(4)),  # one-hot draft
         (r.softmax(0), r.softmax(0)),  # equal: no rejection, and no 0/0
-        (torch.tensor([0.5, 0.5, 0, 0, 0, 0]).double(), torch.tensor([0, 0, 0.25, 0.25, 0.25, 0.25]).double()),  # disjoint
-    ]
+        (torch.tensor([0.5, 0.5, 0, 0, 0, 0]).double(), torch.tensor([0, 0, 0.25, 0.25, 0.25, 0.25]).double()),
+    ]  # the last pair has disjoint supports
     for p, q in pairs:
         out = output_distribution(p, q)
         assert not out.isnan().any()
@@ -364,7 +367,8 @@ def test_sampling_follows_the_ar_distribution(decoder, temperature, top_k, draft
     # Every row of a batch is one sample: two prompts of different lengths side by side, N rows each.
     prompts, n_new, g = [[1, 2], [3]] * N, draft_len + 2, torch.Generator().manual_seed(1)
     if decoder == "tidar":
-        outs, stats = generate_tidar(model, prompts, n_new, draft_len=draft_len, temperature=temperature, top_k=top_k, generator=g)
+        outs, stats = generate_tidar(model, prompts, n_new, draft_len=draft_len, temperature=temperature,
+                                     top_k=top_k, generator=g)
         bonus = draft_len  # a step commits up to k tokens
     else:
         outs, stats = generate_speculative(model, peaked_gpt(1), prompts, n_new, draft_len=draft_len,
@@ -462,12 +466,22 @@ def test_cli_end_to_end(tmp_path):
     write_checkpoint(tmp_path)
     (tmp_path / "prompt.txt").write_text("def fibonacci(n):\n")
     args = [sys.executable, "sample.py", "--out_dir", str(tmp_path), "--prompt", f"FILE:{tmp_path / 'prompt.txt'}"]
-    run = subprocess.run(args + ["--max_new_tokens", "20", "--compare", "--show", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    args += ["--max_new_tokens", "20", "--compare", "--show", "--device", "cpu"]
+    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("step   1 | ") == 1 and "{+" in run.stdout  # --show, plain text when piped
     assert "def fibonacci(n):\n" in run.stdout
     assert "--- TiDAR: 20 new tokens" in run.stdout and "tokens/forward" in run.stdout
     assert "outputs identical: True" in run.stdout
+
+
+def test_cli_default_length_fits_the_context(tmp_path):
+    # 256 new tokens, or what the model's context leaves: 96 - 9 (the prompt) - 2 * 4 (the drafts' room) = 79
+    write_checkpoint(tmp_path)
+    args = [sys.executable, "sample.py", "--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "def f(x):"]
+    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "--- TiDAR: 79 new tokens" in run.stdout
 
 
 def test_cli_batches(tmp_path):
