@@ -9,6 +9,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import sample
 from conftest import BYTE_MODEL, write_checkpoint
@@ -178,6 +180,67 @@ def test_one_host_read_per_step(tiny, monkeypatch):
         reads.clear(), forwards.clear()
         decode()
         assert len(forwards) >= 3 and reads == ["tolist"] * len(forwards)  # prefill, then each step
+
+
+class Recorder(TorchDispatchMode):
+    """
+    Writes down a step as a CUDA graph records it: every kernel with its shapes and arguments, where each
+    tensor the step did not create itself is named by its address (a replay reads and writes the same
+    memory, whatever Python would have passed). Two steps with the same record are the same graph.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.made = [], set()
+
+    def name(self, x):
+        if not isinstance(x, torch.Tensor):
+            return repr(x)
+        address = x.untyped_storage().data_ptr()
+        where = "new" if address in self.made else (address, x.storage_offset())
+        return where, tuple(x.shape), x.stride(), x.dtype
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = tree_flatten((args, kwargs or {}))[0]
+        record = (str(func), [self.name(x) for x in inputs])
+        out = func(*args, **(kwargs or {}))
+        outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        used = {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor)}
+        self.made |= {o.untyped_storage().data_ptr() for o in outputs} - used  # in-place results are not new
+        self.ops.append(record + ([(tuple(o.shape), o.dtype) for o in outputs],))
+        return out
+
+
+def test_every_step_is_the_same_graph(tiny, monkeypatch):
+    """What makes the CUDA-graph replay of run() correct, checked on the CPU: every step of a generation
+    runs the same kernels on the same shapes, reads state only from memory that stays in place (the cache,
+    the drafts, the uniforms), takes no value from the host that changes between steps, and never reads
+    a value back (a data-dependent shape or .item() would)."""
+    steps, original = [], sample.run
+
+    def recording_run(step, *args):
+        def recorded():
+            with Recorder() as recorder:
+                result = step()
+            steps.append(recorder.ops)
+            return result
+        return original(recorded, *args)
+
+    monkeypatch.setattr(sample, "run", recording_run)
+    drafter = GPT(replace(tiny.config, n_layer=1)).double().eval()
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 1, 2]]
+    for decode in (lambda g: generate_ar(tiny, prompts, 12, temperature=1.0, generator=g),
+                   lambda g: generate_tidar(tiny, prompts, 12, draft_len=3, generator=g),
+                   lambda g: generate_tidar(tiny, prompts, 12, draft_len=3, temperature=1.0, top_k=4, generator=g),
+                   lambda g: generate_tidar(tiny, prompts, 12, draft_len=2, beta=0.5, rule="paper", generator=g),
+                   lambda g: generate_speculative(tiny, drafter, prompts, 12, draft_len=3, temperature=0.9,
+                                                  generator=g)):
+        steps.clear()
+        decode(torch.Generator().manual_seed(0))
+        assert len(steps) >= 3
+        sync = [op for op, *_ in steps[0] if "_local_scalar_dense" in op or "nonzero" in op or "lift_fresh" in op]
+        assert sync == []  # a read of a value, a shape that depends on one, or a tensor made from host data
+        assert all(s == steps[0] for s in steps[1:])
 
 
 # --- 7. greedy is lossless
