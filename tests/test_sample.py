@@ -243,6 +243,20 @@ def test_every_step_is_the_same_graph(tiny, monkeypatch):
         assert all(s == steps[0] for s in steps[1:])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the captured step exists only on CUDA")
+def test_captured_steps_equal_eager_steps(tiny):
+    """On a GPU (CI has none): replaying the recorded step gives what running it eagerly gives, bit for bit."""
+    model = tiny.cuda()
+    drafter = GPT(replace(tiny.config, n_layer=1)).double().cuda().eval()
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 1, 2]]
+    for decode in (lambda **kw: generate_ar(model, prompts, 20, temperature=1.0, **kw),
+                   lambda **kw: generate_tidar(model, prompts, 20, draft_len=3, **kw),
+                   lambda **kw: generate_tidar(model, prompts, 20, draft_len=3, temperature=1.0, top_k=4, **kw),
+                   lambda **kw: generate_speculative(model, drafter, prompts, 20, draft_len=3, temperature=0.9, **kw)):
+        eager, captured = (decode(capture=c, generator=torch.Generator("cuda").manual_seed(0)) for c in (False, True))
+        assert captured == eager
+
+
 # --- 7. greedy is lossless
 
 
