@@ -9,6 +9,7 @@ Train a TiDAR model (or, with --objective=ar, the plain AR baseline) on the toke
 Every setting below can be overridden with --name=value. The defaults are sized for one GPU; with no GPU
 a fresh run takes the smaller cpu_preset instead (settings given on the command line still win over it).
 """
+import atexit
 import json
 import math
 import os
@@ -83,7 +84,7 @@ from tidar import GPT, GPTConfig, pick_device, tidar_inputs, tidar_loss, trainin
 try:
     device_type = pick_device(device)  # 'cuda' | 'mps' | 'cpu'
 except ValueError as e:
-    fail(str(e))
+    fail(str(e), 2)
 
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 ckpt = saved_iter = None  # saved_iter: the iteration of the last checkpoint in out_dir, if there is one
@@ -118,6 +119,11 @@ if seq_len % block_len:
     fail(f"--seq_len={seq_len} must be a multiple of --block_len={block_len}: training blocks tile the sequence", 2)
 if n_embd % (2 * n_head):
     fail(f"--n_embd={n_embd} must be a multiple of 2 * n_head={2 * n_head}: rotary positions need an even head size", 2)
+meta_path = os.path.join(data_dir, "meta.json")
+default_data = os.path.basename(os.path.normpath(data_dir)) == "pycode"  # prepared on the spot when missing
+if not default_data and not os.path.exists(meta_path):
+    fail(f"no dataset in {data_dir} (meta.json is missing): make one with "
+         f"`python data/prepare.py --input FILE --name NAME`, then pass --data_dir=data/NAME", 2)
 
 # -----------------------------------------------------------------------------
 # Processes and output. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is rank 0 of 1.
@@ -130,6 +136,8 @@ if init_from == "scratch" and os.path.exists(ckpt_path) and not overwrite:
     fail(f"{ckpt_path} already exists: continue it with --init_from=resume, train into another --out_dir, "
          "or replace it with --overwrite=True")
 if master:
+    if not os.path.exists(out_dir):  # made by this run: if it stops before a checkpoint, no empty folder is left
+        atexit.register(lambda: os.path.isdir(out_dir) and not os.listdir(out_dir) and os.rmdir(out_dir))
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f".probe-{os.getpid()}")
@@ -139,8 +147,10 @@ if master:
         fail(f"cannot write to --out_dir={out_dir} ({e.strerror or e}): pick a folder you can write to")
     if cpu_run:
         preset = " ".join(f"{k}={globals()[k]}" for k in cpu_preset)
-        print(f"no GPU: training the CPU preset instead of the GPU defaults ({preset}); as set, it takes about "
-              "10 minutes on 2 cores; --help lists the settings", flush=True)
+        as_measured = not set(overrides) & {*cpu_preset, "objective", "grad_accum"}
+        how_long = "as set, it takes about 10 minutes on 2 cores" if as_measured else "the log shows the time left"
+        print(f"no GPU: training the CPU preset instead of the GPU defaults ({preset}); {how_long}; "
+              "--help lists the settings", flush=True)
 
 
 def last_checkpoint():
@@ -174,17 +184,12 @@ torch.manual_seed(seed)
 
 # -----------------------------------------------------------------------------
 # Data: one long stream of token ids per split; a batch is b = batch_size random windows of S + 1 tokens.
-meta_path = os.path.join(data_dir, "meta.json")
-default_data = os.path.basename(os.path.normpath(data_dir)) == "pycode"
-if not os.path.exists(meta_path):
-    if not default_data:
-        fail(f"no dataset in {data_dir} (meta.json is missing): make one with "
-             f"`python data/prepare.py --input FILE --name NAME`, then pass --data_dir=data/NAME")
+if not os.path.exists(meta_path):  # the default dataset, not prepared yet
     if master:
         from data.prepare import prepare_pycode
 
         print(f"preparing the default dataset in {data_dir}: the .py sources of the standard library, torch, numpy "
-              "and tiktoken (about 10 s)...", flush=True)
+              "and tiktoken (a few seconds)...", flush=True)
         try:
             m = prepare_pycode(data_dir)
         except KeyboardInterrupt:
@@ -330,7 +335,8 @@ if master:
           f"on {world_size} x {device}{' (bf16)' if device_type == 'cuda' else ''}{', compiled' if compile else ''}; "
           f"from iter {iter_num}", flush=True)
 iter_start = t_iter = iter_num
-t0, eval_time = time.time(), 0.0
+t_start = t0 = time.time()
+eval_time = 0.0
 try:
     x, y = get_batch("train", rank, iter_num * grad_accum)
     while True:
@@ -381,6 +387,10 @@ try:
                       f"{tokens_per_iter / dt:,.0f} tok/s, {int(left) // 60}m{int(left) % 60:02d}s left", flush=True)
 except KeyboardInterrupt:
     stop_interrupted(f"at iter {iter_num}")
+if master:
+    took = int(time.time() - t_start)
+    print(f"done: iters {iter_start}..{iter_num} in {took // 60}m{took % 60:02d}s; {last_checkpoint()}; decode it "
+          f"with `python sample.py --out_dir={out_dir} --prompt ...`", flush=True)
 
 if ddp:
     destroy_process_group()

@@ -4,7 +4,8 @@ Prepare a dataset for train.py: train.bin and val.bin (uint16 token ids, documen
 
     python data/prepare.py                         # the default: Python sources on this machine -> data/pycode/
     python data/prepare.py --input FILE            # your own text -> data/<FILE's stem>/
-    options: --tokenizer=code|byte|gpt2 (default code), --name NAME (the folder under data/, or a path)
+    options: --tokenizer=code|byte|gpt2 (default code), --name NAME (the folder under data/, or a path),
+             --overwrite (replace a dataset already there; without it, an existing one is never touched)
 
 The default corpus is Python code that is already wherever this project runs, so nothing is downloaded:
 the .py sources of the running interpreter's standard library and of the packages the project requires
@@ -92,6 +93,7 @@ def write_dataset(out_dir, train_docs, val_docs, tokenizer, **meta):
     enc = get_tokenizer(tokenizer)
     if enc.n_vocab + 1 > 2**16:
         raise ValueError(f"tokenizer {tokenizer!r} has {enc.n_vocab} tokens: its ids and [MASK] must fit in uint16")
+    made = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, name) for name in ("meta.json", "train.bin", "val.bin")]
     try:
@@ -111,6 +113,8 @@ def write_dataset(out_dir, train_docs, val_docs, tokenizer, **meta):
         for path in paths:
             if os.path.exists(path):
                 os.remove(path)
+        if made and not os.listdir(out_dir):
+            os.rmdir(out_dir)
         raise
     return meta
 
@@ -153,9 +157,13 @@ if __name__ == "__main__":
     parser.add_argument("--input", help="a UTF-8 text file (default: this machine's Python sources)")
     parser.add_argument("--tokenizer", default="code", choices=["code", "byte", "gpt2"])
     parser.add_argument("--name", help="output folder under data/, or a path (default: pycode, or the input's stem)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the dataset already in that folder")
     args = parser.parse_args()
     name = args.name or (os.path.splitext(os.path.basename(args.input))[0] if args.input else "pycode")
     out_dir = os.path.join(DATA_DIR, name)  # an absolute --name stays as it is
+    if os.path.exists(os.path.join(out_dir, "meta.json")) and not args.overwrite:  # models may have been trained on it
+        sys.exit(f"prepare.py: error: {out_dir} already holds a dataset: pick another --name, or replace it "
+                 "with --overwrite")
     try:
         if args.input:
             meta = prepare_file(args.input, out_dir, args.tokenizer)

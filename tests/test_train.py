@@ -152,6 +152,15 @@ def test_prepare_cli_own_text(tmp_path):
     assert len(train_docs[0]) + len(val_docs[0]) < len(text.encode())  # the indentation became single tokens
     meta = prepare_file(tmp_path / "mine.txt", tmp_path / "again", tokenizer="byte")
     assert meta["n_files"] == 1 and meta["train_tokens"] + meta["val_tokens"] == len(text.encode()) + 2
+    before = files(tmp_path / "mine")  # a second run into the same folder refuses, and changes nothing there
+    r = run("data/prepare.py", "--input", str(tmp_path / "mine.txt"), "--name", str(tmp_path / "mine"),
+            "--tokenizer=byte")
+    assert r.returncode == 1 and r.stderr == (f"prepare.py: error: {tmp_path / 'mine'} already holds a dataset: "
+                                              "pick another --name, or replace it with --overwrite\n")
+    assert files(tmp_path / "mine") == before
+    r = run("data/prepare.py", "--input", str(tmp_path / "mine.txt"), "--name", str(tmp_path / "mine"),
+            "--tokenizer=byte", "--overwrite")
+    assert r.returncode == 0 and json.loads((tmp_path / "mine" / "meta.json").read_text())["tokenizer"] == "byte"
 
 
 def test_tokenizers_round_trip_and_merge_runs_of_spaces():
@@ -184,7 +193,7 @@ def test_prepare_cli_ctrl_c_leaves_nothing(tmp_path):
     r = run_after(fail_call("tiktoken.Encoding.encode_ordinary_batch", 1, CTRL_C), "data/prepare.py",
                   "--input", str(tmp_path / "mine.txt"), "--name", str(tmp_path / "mine"))
     assert r.returncode == 130 and r.stderr == f"prepare.py: interrupted; nothing was left in {tmp_path / 'mine'}\n"
-    assert os.listdir(tmp_path / "mine") == []
+    assert not (tmp_path / "mine").exists()  # not even the folder it made
 
 
 # --- train.py
@@ -213,6 +222,7 @@ def test_train_writes_a_checkpoint_and_the_loss_goes_down(trained):
     assert [e[0] for e in ev] == [0, 20, 40]
     assert ev[-1][1] < ev[0][1] - 1.0 and ev[-1][2] < ev[0][2] - 1.0 and ev[-1][3] < ev[0][3] - 1.0
     assert re.search(r"iter 10: loss [\d.]+ \(ar [\d.]+, diff [\d.]+\), lr .* ms/iter, .* tok/s", stdout)
+    assert re.search(rf"done: iters 0..40 in \dm\d\ds; the last checkpoint is {out_dir}/ckpt.pt \(iter 40\)", stdout)
     assert re.search(r"draft acc % by offset 0\.\.3: \d+ \d+ \d+ \d+\n", stdout)
 
     assert os.listdir(out_dir) == ["ckpt.pt"]  # no temporary file left behind
@@ -277,7 +287,7 @@ def test_cpu_preset_instead_of_the_gpu_defaults(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     line = r.stdout.splitlines()[0]
     assert line.startswith("no GPU: training the CPU preset instead of the GPU defaults (")
-    assert "as set, it takes about 10 minutes on 2 cores" in line
+    assert "the log shows the time left" in line  # not the preset's measured time: max_iters, batch_size are set
     config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["train_config"]
     said = dict(re.findall(r"(\w+)=([^\s)]+)", line))  # the values it trains with, listed in that line
     assert said and all(str(config[k]) == v for k, v in said.items())
@@ -287,6 +297,16 @@ def test_cpu_preset_instead_of_the_gpu_defaults(trained, tmp_path):
     r = run("sample.py", f"--out_dir={tmp_path}", "--prompt", "def fibonacci(n):", "--compare", "--device=cpu")
     assert r.returncode == 0, r.stderr
     assert "--- TiDAR: " in r.stdout and "outputs identical: True" in r.stdout  # (it may stop early at <|endoftext|>)
+
+
+def test_cpu_preset_states_its_time_only_for_the_preset_as_measured(trained, tmp_path):
+    data_dir, _, _ = trained
+    stop = fail_call("tidar.GPT.__init__", 1, "SystemExit(0)")  # stop when the model is built: the line is out
+    first_line = lambda *args: run_after(stop, "train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'new'}",
+                                         "--device=cpu", *args).stdout.splitlines()[0]
+    assert "; as set, it takes about 10 minutes on 2 cores; " in first_line()
+    assert "; the log shows the time left; " in first_line("--objective=ar")
+    assert not (tmp_path / "new").exists()  # a run that stops before its first checkpoint leaves no folder behind
 
 
 def test_help_lists_the_settings_and_the_gpu_defaults():
@@ -357,7 +377,7 @@ BAD_INPUTS = [  # (case, settings, message, exit status)
     ("no room for a checkpoint", ["--out_dir={tmp}/new"], "MB free, and a checkpoint needs about", 1),
     ("disk full while saving", ["--init_from=resume", "--max_iters=44", "--eval_interval=4"],
      "at iter 44 (No space left on device); the last checkpoint is {tmp}/out/ckpt.pt (iter 40), untouched", 1),
-    ("missing dataset", ["--data_dir={tmp}/nowhere", "--out_dir={tmp}/new"], "no dataset in", 1),
+    ("missing dataset", ["--data_dir={tmp}/nowhere", "--out_dir={tmp}/new"], "no dataset in", 2),
     ("truncated train.bin", ["--out_dir={tmp}/new"], "train.bin ends in half a token", 1),
     ("missing train.bin", ["--out_dir={tmp}/new"], "train.bin is missing: the dataset in", 1),
     ("missing val.bin", ["--out_dir={tmp}/new"], "val.bin is missing: the dataset in", 1),
@@ -407,7 +427,8 @@ PRELUDE = {  # what fails while it runs (Ctrl-C is a KeyboardInterrupt raised th
 
 
 def files(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """Every file's bytes, and every folder (None): a run that stops early leaves no empty --out_dir behind."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
 
 
 @pytest.fixture(scope="module")
