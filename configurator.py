@@ -2,7 +2,8 @@
 Command-line settings for train.py, in the manner of nanoGPT's configurator.py: each setting at the top of
 train.py is overridden with --name=value under the same name, and --help lists them with their comments.
 A wrong name, type or choice is one line on stderr and exit status 2 (a usage error), before anything slow
-happens; fail() is also train.py's one way to stop on a bad input.
+happens; fail() is also train.py's one way to stop on a bad input, and interrupted_early() its way to stop
+on a Ctrl-C before training starts.
 """
 import ast
 import difflib
@@ -14,6 +15,14 @@ import sys
 def fail(msg, code=1):
     print(f"train.py: error: {msg}", file=sys.stderr)  # one line, no traceback
     sys.exit(code)
+
+
+def interrupted_early(kind, value, traceback):
+    """train.py's sys.excepthook: a Ctrl-C before training starts is one line, not a traceback."""
+    if not issubclass(kind, KeyboardInterrupt):
+        return sys.__excepthook__(kind, value, traceback)
+    if os.environ.get("RANK", "0") == "0":  # torchrun passes Ctrl-C to every process
+        print("train.py: interrupted before training started; nothing was written", file=sys.stderr)
 
 
 def parse_overrides(args, settings, choices, script, cpu_preset):

@@ -19,7 +19,9 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
-from configurator import fail, parse_overrides
+from configurator import fail, interrupted_early, parse_overrides
+
+sys.excepthook = interrupted_early  # Ctrl-C while starting: one line (the loop and the data preparation catch theirs)
 
 # -----------------------------------------------------------------------------
 # Settings. The defaults are sized for one GPU: 25.4M parameters, 4000 steps of 32 sequences of 1024 tokens,

@@ -5,6 +5,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -307,6 +308,15 @@ def test_cpu_preset_states_its_time_only_for_the_preset_as_measured(trained, tmp
     assert "; as set, it takes about 10 minutes on 2 cores; " in first_line()
     assert "; the log shows the time left; " in first_line("--objective=ar")
     assert not (tmp_path / "new").exists()  # a run that stops before its first checkpoint leaves no folder behind
+
+
+def test_ctrl_c_while_starting_is_one_line(trained, tmp_path):
+    data_dir, _, _ = trained
+    r = run_after(fail_call("tidar.GPT.__init__", 1, CTRL_C), "train.py", f"--data_dir={data_dir}",
+                  f"--out_dir={tmp_path / 'new'}", *TINY)
+    assert r.stderr == "train.py: interrupted before training started; nothing was written\n"
+    assert r.returncode == -signal.SIGINT  # as any program stopped by Ctrl-C (a shell shows 130)
+    assert not (tmp_path / "new").exists()
 
 
 def test_help_lists_the_settings_and_the_gpu_defaults():
