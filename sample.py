@@ -403,6 +403,8 @@ parser.add_argument("--rule", default="lossless", choices=["lossless", "paper"],
                     help="paper: the authors' released rule, which commits slot 0 of each block unverified")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="float32 keeps --compare's identity exact; bfloat16 is faster on a GPU")
+parser.add_argument("--eager", action="store_true", help="on CUDA: launch every kernel from Python instead of "
+                    "replaying each step from a CUDA graph")
 parser.add_argument("--seed", type=int, default=1337)
 parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
 parser.add_argument("--compare", action="store_true", help="also decode with plain AR and compare")
@@ -493,7 +495,7 @@ def main(args):
     generator = torch.Generator(device=args.device)
     colour, eot = sys.stdout.isatty(), model.config.eot_id
     k = args.draft_len or model.config.block_len
-    options = dict(temperature=args.temperature, top_k=args.top_k)
+    options = dict(temperature=args.temperature, top_k=args.top_k, capture=not args.eager)
     for sample_idx in range(args.num_samples):
         for start in range(0, len(prompts), args.batch_size):
             batch, batch_texts = prompts[start : start + args.batch_size], texts[start : start + args.batch_size]

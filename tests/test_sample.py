@@ -561,6 +561,19 @@ def test_cli_default_length_fits_the_context(tmp_path):
     assert "--- TiDAR: 79 new tokens" in run.stdout
 
 
+def test_cli_eager_turns_the_cuda_graph_off(tmp_path, monkeypatch):
+    write_checkpoint(tmp_path)
+    seen = []  # the capture argument of every decoder call (the warm-ups, TiDAR, AR)
+    for name in ("generate_tidar", "generate_ar"):
+        real = getattr(sample, name)
+        monkeypatch.setattr(sample, name, lambda *a, _real=real, **kw: seen.append(kw["capture"]) or _real(*a, **kw))
+    for flags, capture in (([], True), (["--eager"], False)):
+        seen.clear()
+        sample.main(sample.parser.parse_args(["--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "x",
+                                              "--max_new_tokens", "4", "--compare", *flags]))
+        assert len(seen) == 4 and set(seen) == {capture}
+
+
 def test_cli_batches(tmp_path):
     write_checkpoint(tmp_path)
     (tmp_path / "prompts.txt").write_text("def f(x):\n<|endoftext|>\nimport os\n<|endoftext|>\nclass A:\n")
