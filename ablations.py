@@ -6,7 +6,7 @@ can run, each table printed beside the paper's numbers. Greedy, batch 1, held-ou
   2. the block length B of training against the draft length k of decoding (the paper's Figure 5 / Table 4)
   3. TiDAR against classic speculative decoding with a small separate drafter (the paper's Figure 4)
 
-    python ablations.py --out_dir=out --block_dirs=out-b4,out-b8,out-b16 --drafter_dir=out-drafter
+    python ablations.py --out_dir=out --block_dirs=out-b4,out,out-b16 --drafter_dir=out-drafter
 The README's section trains the models it needs with train.py.
 """
 import argparse

@@ -6,7 +6,7 @@ Measures what the README's results section reports, in one run on one device:
   2. batches: total tokens/s of AR and TiDAR for batches of 1, 2, 4, ... prompts decoded together, and
      up to which batch TiDAR beats AR
   3. free token slots (the paper's Figure 1 for this model): forward latency against the number of query
-     tokens, with a KV cache of a few hundred tokens; where k + k*k falls
+     tokens, with a KV cache of up to 256 tokens; where k + k*k falls
   4. training: ms/iter of the TiDAR objective against the AR objective, same context and batch
 
     python bench.py                       # the checkpoint in out/, prompts from data/pycode/val.bin
@@ -151,7 +151,7 @@ def bench_training(model, batch, repeats, device):
           f"{', bf16, compiled' if compiled else ''}")
     model = copy.deepcopy(model).float().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, dynamic=False) if compiled else model  # S and 2S: one static graph each
     data = torch.randint(0, config.vocab_size, (batch, S + 1), device=device)
     x, y = data[:, :-1], data[:, 1:]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()

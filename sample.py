@@ -79,7 +79,7 @@ def generate_tidar(
     B, T, paper = len(prompts), k + k * k, rule == "paper"
     cache, last = new_cache(model, prompts, max_new_tokens, T)
     u, refill = uniforms(B, 2 * k, temperature, generator, cache.device)
-    rows, masks = torch.arange(B, device=cache.device), torch.full((B, k * k), config.mask_id, device=cache.device)
+    rows, mask_ids = torch.arange(B, device=cache.device), torch.full((B, k * k), config.mask_id, device=cache.device)
 
     # Prefill: each prompt (causal), then k masks at positions P .. P+k-1 that see the whole prompt and each
     # other. d_0 comes from the AR output at p_{P-1} (mixed with mask slot 0; under the paper's rule slot 0
@@ -98,7 +98,7 @@ def generate_tidar(
         # (choice) The paper builds one large mask once and slices it; with a length per row, the pattern
         # function builds each row's mask from L instead, a few element-wise operations inside the step.
         pos, mask = decode_step_positions(L, k, cache.device), decode_step_mask(L, k, cache.max_len, cache.device)
-        logits = model(torch.cat([d, masks], dim=1), pos, mask, cache)  # (B, T, V)
+        logits = model(torch.cat([d, mask_ids], dim=1), pos, mask, cache)  # (B, T, V)
         ar, blocks = logits[:, :k], logits[:, k:].view(B, k, k, -1)  # ar[:, j]: after d_j; blocks[:, b-1]: block b
         target = mix(ar, blocks[:, :, 0], beta)  # (B, k, V): row j for position L+j+1, where block j+1's slot 0 is too
 

@@ -260,7 +260,7 @@ def decode_step_positions(L, k, device=None):
 def tidar_inputs(x, block_len, mask_id, flex=False):
     """
     Clean tokens x (B, S) -> the doubled sequence: idx (B, 2S), pos (2S,), mask (2S, 2S) bool; with flex, the
-    same pattern as a FlexAttention block mask, which skips the three quarters of the mask that are False
+    same pattern as a FlexAttention BlockMask, which skips the three quarters of the mask that are False
     (train.py sets it on CUDA under torch.compile: FlexAttention is fused only when compiled, and it has no
     backward on the CPU).
     """
@@ -319,6 +319,7 @@ class KVCache:
     """
 
     def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
+        max_len = -(-max_len // 16) * 16  # (choice) rounded up: GPU attention kernels pad a mask's rows to this anyway
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)

@@ -181,7 +181,7 @@ if compile == "auto":
 if device_type == "cuda":
     torch.set_float32_matmul_precision("high")  # TF32 for whatever autocast leaves in float32
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-flex = compile and device_type == "cuda"  # FlexAttention block masks: fused only when compiled, no CPU backward
+flex = compile and device_type == "cuda"  # FlexAttention BlockMasks: fused only when compiled, no CPU backward
 torch.manual_seed(seed)
 
 # -----------------------------------------------------------------------------
@@ -273,7 +273,7 @@ if master and (free := shutil.disk_usage(out_dir).free) < ckpt_bytes:  # a new c
     fail(f"--out_dir={out_dir} has {free / 1e6:.0f} MB free, and a checkpoint needs about {ckpt_bytes / 1e6:.0f} MB: "
          "free some space or pick another --out_dir")
 if compile:
-    model = torch.compile(model)
+    model = torch.compile(model, dynamic=False)  # evaluation's doubled length gets its own graph, not a dynamic one
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 mask_id = model_config.mask_id

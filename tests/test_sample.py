@@ -86,9 +86,10 @@ def test_decode_blocks_equal_fresh_prefills(tiny):
 
 def fresh_kv(model, tokens):
     """K/V of one causal forward over `tokens`, with no cache: what a cache holding them must equal."""
-    cache = KVCache(model.config, 1, len(tokens), dtype=torch.float64)
-    model(torch.tensor([tokens]), torch.arange(len(tokens)), causal_mask(len(tokens)), cache)
-    return cache.k[:, 0], cache.v[:, 0]
+    n = len(tokens)
+    cache = KVCache(model.config, 1, n, dtype=torch.float64)
+    model(torch.tensor([tokens]), torch.arange(n), causal_mask(n, 0, cache.max_len), cache)
+    return cache.k[:, 0, :, :n], cache.v[:, 0, :, :n]
 
 
 @pytest.mark.parametrize("batch", [
@@ -435,6 +436,31 @@ def peaked_gpt(seed, **kw):
         for p in model.parameters():
             p.mul_(3)
     return model
+
+
+def test_drafts_are_verified_against_the_distribution_they_were_drawn_from(tiny, monkeypatch):
+    """At every step, not only the prefill's: the q that verify() divides by is the one choose() drew the drafts
+    from (the same temperature and top-k). A wrong q is lossy by a margin the sampling test below cannot see."""
+    events, real_choose, real_verify = [], sample.choose, sample.verify
+
+    def choose(logits, temperature, top_k, u):
+        tokens, q = real_choose(logits, temperature, top_k, u)
+        events.append(("drawn", tokens.clone(), q.clone()))
+        return tokens, q
+
+    def verify(p, q, drafts, u):
+        events.append(("verified", drafts.clone(), q.clone()))
+        return real_verify(p, q, drafts, u)
+
+    monkeypatch.setattr(sample, "choose", choose)
+    monkeypatch.setattr(sample, "verify", verify)
+    generate_tidar(tiny, [[1, 2, 3], [4]], 20, draft_len=3, temperature=0.8, top_k=3,
+                   generator=torch.Generator().manual_seed(0))
+    verified = [(n, drafts, q) for n, (what, drafts, q) in enumerate(events) if what == "verified"]
+    assert len(verified) >= 3
+    for n, drafts, q in verified:  # the last draw of (B, k-1) tokens before it: the drafts it verifies
+        _, drawn, drawn_from = [e for e in events[:n] if e[0] == "drawn" and e[1].shape == drafts.shape][-1]
+        assert torch.equal(drawn, drafts) and torch.equal(drawn_from, q)
 
 
 @pytest.mark.parametrize("decoder", ["tidar", "speculative"])
