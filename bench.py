@@ -50,8 +50,8 @@ def decode_all(model, batches, draft_lens, max_new_tokens, device, capture):
     decoders = {"AR": lambda b: (generate_ar(model, b, max_new_tokens, capture=capture), None)}
     for k in draft_lens:
         decoders[f"TiDAR k={k}"] = lambda b, k=k: generate_tidar(model, b, max_new_tokens, k, capture=capture)
-    for decode in decoders.values():
-        decode(batches[0])  # warm-up: first calls pay for kernel selection and allocation
+    for decode in decoders.values():  # warm-up: first calls pay for kernel selection, allocation and, captured,
+        decode(batches[0])  # for recording the step's graph, which the later calls (same shapes) replay
     results = {name: [0.0, 0, 0, []] for name in decoders}
     for batch in batches:
         for name, decode in decoders.items():

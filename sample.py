@@ -43,12 +43,11 @@ def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, 
     prompts, one = as_batch(prompt_ids, config.eot_id)
     check_request(config, prompts, max_new_tokens, temperature, top_k)
     cache, last = new_cache(model, prompts, max_new_tokens, 1)
-    u, refill = uniforms(len(prompts), 1, temperature, generator, cache.device)
+    draw = uniforms(len(prompts), 1, temperature, generator, cache.device)
     logits, _ = prefill(model, prompts, 0, cache)  # (B, V): the AR output after each prompt's last token
-    refill()
-    d0, _ = choose(logits, temperature, top_k, u[:, 0])  # (B,): decided, not yet in the cache
+    d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (B,): decided, not yet in the cache
 
-    def step():  # d_0 goes into the cache; the output after it decides the next token
+    def step(u):  # d_0 goes into the cache; the output after it decides the next token
         L = cache.length  # (B,)
         logits = model(d0[:, None], L[:, None], causal_mask(1, L, cache.max_len, cache.device), cache)[:, 0]  # (B, V)
         y, _ = choose(logits, temperature, top_k, u[:, 0])
@@ -57,7 +56,7 @@ def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, 
         d0.copy_(y)
         return d[:, None], torch.zeros_like(y), y  # fed d_0, no drafts, y
 
-    out, _ = run(step, d0, refill, max_new_tokens, config.eot_id, capture)
+    out, _ = run(step, d0, draw, max_new_tokens, config.eot_id, capture)
     return out[0] if one else out
 
 
@@ -78,18 +77,18 @@ def generate_tidar(
     check_request(config, prompts, max_new_tokens, temperature, top_k, 2 * k, k, beta, rule)
     B, T, paper = len(prompts), k + k * k, rule == "paper"
     cache, last = new_cache(model, prompts, max_new_tokens, T)
-    u, refill = uniforms(B, 2 * k, temperature, generator, cache.device)
+    draw = uniforms(B, 2 * k, temperature, generator, cache.device)
     rows, mask_ids = torch.arange(B, device=cache.device), torch.full((B, k * k), config.mask_id, device=cache.device)
 
     # Prefill: each prompt (causal), then k masks at positions P .. P+k-1 that see the whole prompt and each
     # other. d_0 comes from the AR output at p_{P-1} (mixed with mask slot 0; under the paper's rule slot 0
     # alone, (choice) as at every later step); slots 1 .. k-1 are the drafts.
     ar_last, slots = prefill(model, prompts, k, cache)  # (B, V), (B, k, V)
-    refill()
+    u = draw()
     d0, _ = choose(slots[:, 0] if paper else mix(ar_last, slots[:, 0], beta), temperature, top_k, u[:, 0])  # (B,)
     drafts, q = choose(slots[:, 1:], temperature, top_k, u[:, 1:k])  # d_1 .. d_{k-1} (B, k-1), drawn from q (B, k-1, V)
 
-    def step():
+    def step(u):  # u (B, 2k): the step's uniforms
         L = cache.length  # (B,)
         # 1. Draft and pre-draft in one forward: d_0 .. d_{k-1} at L .. L+k-1 (causal), then blocks 1 .. k;
         #    block b (positions L+b .. L+b+k-1) sees the cache and d_0 .. d_{b-1}: it is the pre-draft for
@@ -122,7 +121,7 @@ def generate_tidar(
         q.copy_(next_q)
         return d, n, y
 
-    out, traces = run(step, d0, refill, max_new_tokens, config.eot_id, capture)
+    out, traces = run(step, d0, draw, max_new_tokens, config.eot_id, capture)
     stats = [dict(forwards=1 + len(t), committed=[n + 1 for _, n, _ in t], trace=t) for t in traces]
     return (out[0], stats[0]) if one else (out, stats)
 
@@ -147,15 +146,14 @@ def generate_speculative(
     B = len(prompts)
     cache, last = new_cache(target, prompts, max_new_tokens, k + 1)
     small, _ = new_cache(drafter, prompts, max_new_tokens, k + 1)  # the drafter's own cache
-    u, refill = uniforms(B, 2 * k + 1, temperature, generator, cache.device)
+    draw = uniforms(B, 2 * k + 1, temperature, generator, cache.device)
     rows, offsets = torch.arange(B, device=cache.device), torch.arange(k + 1, device=cache.device)
     logits, _ = prefill(target, prompts, 0, cache)  # (B, V)
     prefill(drafter, prompts, 0, small)
-    refill()
-    d0, _ = choose(logits, temperature, top_k, u[:, 0])  # (B,)
+    d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (B,)
     c = torch.tensor([p[-1] for p in prompts], device=cache.device)  # (B,): the last committed token
 
-    def step():
+    def step(u):  # u (B, 2k+1): the step's uniforms
         L = cache.length  # (B,)
         # 1. Draft: the drafter reads the last committed token again (its cache is rolled back to just before
         #    it, which is all the bookkeeping it needs) and d_0, then proposes d_1 .. d_k, one forward each.
@@ -182,7 +180,7 @@ def generate_speculative(
         d0.copy_(y)
         return d, n, y
 
-    out, traces = run(step, d0, refill, max_new_tokens, config.eot_id, capture)
+    out, traces = run(step, d0, draw, max_new_tokens, config.eot_id, capture)
     stats = [dict(forwards=1 + len(t), drafter_forwards=1 + k * len(t), committed=[n + 1 for _, n, _ in t], trace=t)
              for t in traces]
     return (out[0], stats[0]) if one else (out, stats)
@@ -320,11 +318,10 @@ def prefill(model, prompts, k, cache):
 
 
 def uniforms(B, n, temperature, generator, device):
-    """The random numbers of a step, (B, n), in one tensor that stays in place (a captured step reads it
-    there), and refill(), which draws new ones before each step. Greedy draws none: all zeros, and u = 0
-    picks a one-hot's token."""
+    """A function that draws the random numbers of a step, (B, n) uniforms in [0, 1), into one tensor. Greedy
+    draws none: all zeros, and u = 0 picks a one-hot's token."""
     u = torch.zeros(B, n, device=device)
-    return u, lambda: u.uniform_(generator=generator) if temperature > 0 else u
+    return lambda: u.uniform_(generator=generator) if temperature > 0 else u
 
 
 def trim(out, eot_id, max_new_tokens):
@@ -335,7 +332,7 @@ def trim(out, eot_id, max_new_tokens):
     return out[:max_new_tokens], eot_id in out or len(out) >= max_new_tokens
 
 
-def run(step, d0, refill, max_new_tokens, eot_id, capture):
+def run(step, d0, draw, max_new_tokens, eot_id, capture):
     """
     The loop around a decoder's step: draw the step's random numbers, step, and read back, once per step,
     what the host needs: the tokens fed d (B, K+1), the accepted count n and the decided y. Each live row
@@ -347,8 +344,7 @@ def run(step, d0, refill, max_new_tokens, eot_id, capture):
     if capture and d0.is_cuda:
         step = cuda_graph(step)
     while not all(done):
-        refill()
-        d, n, y = step()
+        d, n, y = step(draw())
         for b, (*d_b, n_b, y_b) in enumerate(torch.cat([d, n[:, None], y[:, None]], dim=1).tolist()):  # the sync
             if not done[b]:
                 traces[b].append((d_b, n_b, y_b))
@@ -356,32 +352,71 @@ def run(step, d0, refill, max_new_tokens, eot_id, capture):
     return out, traces
 
 
+GRAPHS = {}  # the steps recorded as CUDA graphs, by graph_key, kept for the calls that come after (the last 8)
+
+
 def cuda_graph(step):
     """
-    step() replayed from a CUDA graph: its kernels are recorded once and relaunched by one call, so a step
-    of a small model costs the GPU's time instead of Python's. This works because a step's shapes never
-    change and it reads and writes only tensors that stay in place (the cache, the state, the uniforms).
-    The first call is a real step, run eagerly on a side stream (the warm-up capture requires); it then
-    records the graph, and every later call replays it and returns the same output tensors, refilled.
+    step(*inputs) replayed from a CUDA graph: its kernels are recorded once and relaunched by one call, so a
+    step of a small model costs the GPU's time instead of Python's. This works because a step's shapes never
+    change and it reads and writes only tensors that stay in place: its inputs (the uniforms) are copied into
+    the graph's own, and the tensors it closes over (the cache, the drafts) are updated in place.
+    A graph holds addresses, not values. So when an earlier call recorded a step with the same code, the same
+    Python values (k, temperature, beta, the model) and tensors of the same shapes, this call copies its
+    starting state into that call's tensors and replays that graph: recording costs a few steps of eager
+    time, as much as a short generation takes replayed (gpt-fast keeps its cache across calls for this).
+    Otherwise the first call is a real step, run eagerly on a side stream (the warm-up capture requires);
+    it then records, and every later call replays and returns the same output tensors, refilled.
     """
-    graph, outputs = None, None
+    key, state = graph_key(step)
+    graph = inputs = outputs = None
+    if key in GRAPHS:
+        recorded, graph, inputs, outputs = GRAPHS[key]
+        for r, mine in zip(recorded, state):
+            r.copy_(mine)
 
-    def replay():
-        nonlocal graph, outputs
+    def replay(*args):
+        nonlocal graph, inputs, outputs
         if graph is None:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                result = step()
+                result = step(*args)
             torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
+            graph, inputs = torch.cuda.CUDAGraph(), [a.clone() for a in args]
             with torch.cuda.graph(graph):
-                outputs = step()
+                outputs = step(*inputs)
+            GRAPHS[key] = state, graph, inputs, outputs
+            if len(GRAPHS) > 8:
+                del GRAPHS[next(iter(GRAPHS))]  # the oldest, with its cache
             return result
+        for i, a in zip(inputs, args):
+            i.copy_(a)
         graph.replay()
         return outputs
 
     return replay
+
+
+def graph_key(fn):
+    """
+    What a recorded fn depends on besides the values in its tensors, and those tensors: per variable it
+    closes over, a model by the addresses of its weights, a tensor (or a KVCache's) by its shape, and any
+    other value by itself.
+    """
+    key, tensors = [fn.__code__], []
+    for cell in fn.__closure__ or ():
+        v = cell.cell_contents
+        if isinstance(v, torch.nn.Module):
+            key.append((v, *(t.data_ptr() for t in [*v.parameters(), *v.buffers()])))
+            continue
+        for x in vars(v).values() if isinstance(v, KVCache) else [v]:
+            if isinstance(x, torch.Tensor):
+                tensors.append(x)
+                key.append((x.shape, x.dtype, x.device))
+            else:
+                key.append(x)
+    return tuple(key), tensors
 
 
 # -----------------------------------------------------------------------------
@@ -499,14 +534,14 @@ def main(args):
     for sample_idx in range(args.num_samples):
         for start in range(0, len(prompts), args.batch_size):
             batch, batch_texts = prompts[start : start + args.batch_size], texts[start : start + args.batch_size]
+            tidar = lambda: generate_tidar(model, batch, args.max_new_tokens, args.draft_len, beta=args.beta,
+                                           rule=args.rule, generator=generator, **options)
+            ar = lambda: generate_ar(model, batch, args.max_new_tokens, generator=generator, **options)
             try:
                 if args.compare and sample_idx == 0 and start == 0:  # warm up both: first calls pay for setup
-                    generate_tidar(model, batch, 2, args.draft_len, rule=args.rule, **options)
-                    generate_ar(model, batch, 2, **options)
+                    tidar(), ar()  # (and on CUDA record the step graphs that the timed calls replay)
                 generator.manual_seed(args.seed + sample_idx)
-                (outs, stats), seconds = timed(lambda: generate_tidar(
-                    model, batch, args.max_new_tokens, args.draft_len, beta=args.beta, rule=args.rule,
-                    generator=generator, **options), args.device)
+                (outs, stats), seconds = timed(tidar, args.device)
             except ValueError as e:
                 fail(str(e))
             for row, (text, out, st) in enumerate(zip(batch_texts, outs, stats)):
@@ -526,8 +561,7 @@ def main(args):
                   f"tokens/s on {args.device}, batch of {len(batch)}")
             if args.compare:
                 generator.manual_seed(args.seed + sample_idx)
-                ar_outs, ar_seconds = timed(lambda: generate_ar(
-                    model, batch, args.max_new_tokens, generator=generator, **options), args.device)
+                ar_outs, ar_seconds = timed(ar, args.device)
                 ar_tokens = sum(map(len, ar_outs))
                 same = f", outputs identical: {ar_outs == outs}" if args.temperature == 0 else ""
                 print(f"--- AR: {ar_tokens} new tokens, {ar_tokens / ar_seconds:.1f} tokens/s; TiDAR/AR speed: "

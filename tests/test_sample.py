@@ -1,6 +1,7 @@
 """The decoding side of the README's "Tests" section: training = decoding, cached = uncached, exact rollback,
 lossless greedy and sampling, one forward per step, stopping, batches, the two rules, speculative decoding,
 the CLI and its bad inputs."""
+import contextlib
 import math
 import os
 import subprocess
@@ -220,9 +221,14 @@ def test_every_step_is_the_same_graph(tiny, monkeypatch):
     steps, original = [], sample.run
 
     def recording_run(step, *args):
-        def recorded():
+        inputs = []
+
+        def recorded(*fresh):  # as cuda_graph does: the step's inputs are copied into tensors that stay in place
+            inputs[:] = inputs or [x.clone() for x in fresh]
+            for x, f in zip(inputs, fresh):
+                x.copy_(f)
             with Recorder() as recorder:
-                result = step()
+                result = step(*inputs)
             steps.append(recorder.ops)
             return result
         return original(recorded, *args)
@@ -244,18 +250,92 @@ def test_every_step_is_the_same_graph(tiny, monkeypatch):
         assert all(s == steps[0] for s in steps[1:])
 
 
+class CPUGraph(TorchDispatchMode):
+    """
+    A CUDA graph's contract, kept on the CPU. Recording writes down every kernel with the very tensors it
+    reads and writes, and leaves every tensor as it was (a capture launches nothing); a replay runs those
+    kernels again on those tensors. Views compute nothing and keep pointing where they pointed.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bound = {a.name: v for a, v in zip(func._schema.arguments, args)} | kwargs
+        written = [bound[a.name] for a in func._schema.arguments
+                   if a.alias_info is not None and a.alias_info.is_write and isinstance(bound.get(a.name), torch.Tensor)]
+        before = [w.clone() for w in written]
+        out = func(*args, **kwargs)
+        for w, b in zip(written, before):
+            w.copy_(b)
+        self.kernels.append((func, args, kwargs, out))
+        return out
+
+    def replay(self):
+        for func, args, kwargs, out in self.kernels:
+            alias = func._schema.returns[0].alias_info if func._schema.returns else None
+            if alias is None:  # a new tensor: computed again into the one recorded
+                for o, r in zip(tree_flatten(out)[0], tree_flatten(func(*args, **kwargs))[0]):
+                    o.copy_(r)
+            elif alias.is_write:  # in place: done again
+                func(*args, **kwargs)
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """sample.cuda_graph running on the CPU, on CPUGraph: a decoder called with capture=True replays its steps."""
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", CPUGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: graph)
+    monkeypatch.setattr(sample, "GRAPHS", {})
+    run = sample.run
+    monkeypatch.setattr(sample, "run", lambda step, *args: run(sample.cuda_graph(step) if args[-1] else step, *args))
+    return sample.GRAPHS
+
+
+def test_replayed_steps_equal_eager_steps(tiny, cpu_graphs):
+    """Recording once and replaying, in the same call and in later ones, gives what eager steps give. A later
+    call replays an earlier call's graph, with its own starting state copied in, when the graph's key is the
+    same (other prompts of the same shapes), and records its own when anything the step depends on differs
+    (a temperature, a model of the same shape)."""
+    other = GPT(tiny.config).double().eval()
+    drafter = GPT(replace(tiny.config, n_layer=1)).double().eval()
+    decoders = [lambda m, p, **kw: generate_ar(m, p, 12, **kw),
+                lambda m, p, **kw: generate_ar(m, p, 12, temperature=1.0, **kw),
+                lambda m, p, **kw: generate_tidar(m, p, 12, draft_len=3, **kw),
+                lambda m, p, **kw: generate_tidar(m, p, 12, draft_len=3, temperature=1.0, top_k=4, **kw),
+                lambda m, p, **kw: generate_tidar(m, p, 12, draft_len=3, temperature=0.7, top_k=4, **kw),
+                lambda m, p, **kw: generate_tidar(m, p, 12, draft_len=2, beta=0.5, rule="paper", **kw),
+                lambda m, p, **kw: generate_speculative(m, drafter, p, 12, draft_len=3, temperature=0.9, **kw)]
+    first, second = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 1, 2]], [[7, 7], [9, 3, 1], [2, 2, 2, 2, 2, 8, 5]]
+    for model, prompts in [(tiny, first), (tiny, second), (other, first)]:
+        for decode in decoders:
+            eager, captured = (decode(model, prompts, capture=c, generator=torch.Generator().manual_seed(0))
+                               for c in (False, True))
+            assert captured == eager
+        if model is tiny:
+            assert len(cpu_graphs) == len(decoders)  # the second prompts replayed the first prompts' graphs
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the captured step exists only on CUDA")
 def test_captured_steps_equal_eager_steps(tiny):
-    """On a GPU (CI has none): replaying the recorded step gives what running it eagerly gives, bit for bit."""
+    """On a GPU (CI has none), with real CUDA graphs: replaying a recorded step, in the call that recorded it
+    and in a later one, gives what running it eagerly gives, bit for bit."""
     model = tiny.cuda()
     drafter = GPT(replace(tiny.config, n_layer=1)).double().cuda().eval()
-    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 1, 2]]
-    for decode in (lambda **kw: generate_ar(model, prompts, 20, temperature=1.0, **kw),
-                   lambda **kw: generate_tidar(model, prompts, 20, draft_len=3, **kw),
-                   lambda **kw: generate_tidar(model, prompts, 20, draft_len=3, temperature=1.0, top_k=4, **kw),
-                   lambda **kw: generate_speculative(model, drafter, prompts, 20, draft_len=3, temperature=0.9, **kw)):
-        eager, captured = (decode(capture=c, generator=torch.Generator("cuda").manual_seed(0)) for c in (False, True))
-        assert captured == eager
+    for prompts in ([[1, 2, 3], [4], [5, 6, 7, 8, 9, 1, 2]], [[7, 7], [9, 3, 1], [2, 2, 2, 2, 2, 8, 5]]):
+        for decode in (lambda **kw: generate_ar(model, prompts, 20, temperature=1.0, **kw),
+                       lambda **kw: generate_tidar(model, prompts, 20, draft_len=3, **kw),
+                       lambda **kw: generate_tidar(model, prompts, 20, draft_len=3, temperature=1.0, top_k=4, **kw),
+                       lambda **kw: generate_speculative(model, drafter, prompts, 20, draft_len=3, temperature=0.9,
+                                                         **kw)):
+            eager, captured = (decode(capture=c, generator=torch.Generator("cuda").manual_seed(0)) for c in (False, True))
+            assert captured == eager
 
 
 # --- 7. greedy is lossless
