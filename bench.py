@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from sample import cuda_graph, fail, generate_ar, generate_tidar, load_checkpoint, timed
+from sample import GRAPHS, cuda_graph, fail, generate_ar, generate_tidar, load_checkpoint, timed
 from tidar import KVCache, causal_mask, pick_device, training_loss
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
@@ -95,6 +95,7 @@ def bench_batches(models, prompts, batch_sizes, draft_lens, max_new_tokens, devi
               + "".join(f" {'vs AR k=' + str(k):>10}" for k in draft_lens))
         stops = {k: None for k in draft_lens}  # the first batch at which TiDAR is not faster
         for B in batch_sizes:
+            GRAPHS.clear()  # the last batch's recorded steps and caches: not needed again
             results = decode_all(model, [prompts[:B]], draft_lens, max_new_tokens, device, capture)
             speed = {name: n / s for name, (s, n, f, outs) in results.items()}
             ratios = {k: speed[f"TiDAR k={k}"] / speed["AR"] for k in draft_lens}

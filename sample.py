@@ -352,7 +352,7 @@ def run(step, d0, draw, max_new_tokens, eot_id, capture):
     return out, traces
 
 
-GRAPHS = {}  # the steps recorded as CUDA graphs, by graph_key, kept for the calls that come after (the last 8)
+GRAPHS = {}  # steps recorded as CUDA graphs, by graph_key, for the calls after (8 at most; GRAPHS.clear() frees them)
 
 
 def cuda_graph(step):
@@ -366,12 +366,13 @@ def cuda_graph(step):
     starting state into that call's tensors and replays that graph: recording costs a few steps of eager
     time, as much as a short generation takes replayed (gpt-fast keeps its cache across calls for this).
     Otherwise the first call is a real step, run eagerly on a side stream (the warm-up capture requires);
-    it then records, and every later call replays and returns the same output tensors, refilled.
+    it then records, and every later call replays and returns the same output tensors, refilled. (So two
+    generations with one key must not run at once, from two threads: they would share those tensors.)
     """
     key, state = graph_key(step)
     graph = inputs = outputs = None
     if key in GRAPHS:
-        recorded, graph, inputs, outputs = GRAPHS[key]
+        recorded, graph, inputs, outputs = GRAPHS[key] = GRAPHS.pop(key)  # now the most recently used
         for r, mine in zip(recorded, state):
             r.copy_(mine)
 
@@ -388,7 +389,7 @@ def cuda_graph(step):
                 outputs = step(*inputs)
             GRAPHS[key] = state, graph, inputs, outputs
             if len(GRAPHS) > 8:
-                del GRAPHS[next(iter(GRAPHS))]  # the oldest, with its cache
+                del GRAPHS[next(iter(GRAPHS))]  # the least recently used, with its cache
             return result
         for i, a in zip(inputs, args):
             i.copy_(a)
@@ -402,9 +403,11 @@ def graph_key(fn):
     """
     What a recorded fn depends on besides the values in its tensors, and those tensors: per variable it
     closes over, a model by the addresses of its weights, a tensor (or a KVCache's) by its shape, and any
-    other value by itself.
+    other value by itself; and the global switches that decide which kernels run and what may be written.
     """
-    key, tensors = [fn.__code__], []
+    key = [fn.__code__, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
+           torch.get_autocast_dtype("cuda"), torch.get_float32_matmul_precision()]
+    tensors = []
     for cell in fn.__closure__ or ():
         v = cell.cell_contents
         if isinstance(v, torch.nn.Module):
