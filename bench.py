@@ -151,7 +151,9 @@ def bench_training(model, batch, repeats, device):
     print(f"\n4. training step (forward, backward, AdamW), batch {batch}, S = {S}, B = {config.block_len}"
           f"{', bf16, compiled' if compiled else ''}")
     model = copy.deepcopy(model).float().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=compiled)  # as train.py: fused on CUDA
+    if compiled:
+        torch.set_float32_matmul_precision("high")  # as train.py: TF32 for what autocast leaves in float32
     forward = torch.compile(model, dynamic=False) if compiled else model  # S and 2S: one static graph each
     data = torch.randint(0, config.vocab_size, (batch, S + 1), device=device)
     x, y = data[:, :-1], data[:, 1:]
