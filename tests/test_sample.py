@@ -333,7 +333,7 @@ def test_replayed_steps_equal_eager_steps(tiny, cpu_graphs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the captured step exists only on CUDA")
-def test_captured_steps_equal_eager_steps(tiny, monkeypatch):
+def test_cuda_replays_equal_eager_steps(tiny, monkeypatch):
     """On a GPU (CI has none): the same with real CUDA graphs, bit for bit."""
     monkeypatch.setattr(sample, "GRAPHS", {})
     replays_equal_eager(tiny.cuda(), sample.GRAPHS)

@@ -1,6 +1,7 @@
 """The model side of the properties in the README's "Tests" section: masks, no leakage, the clean half is AR,
 cached = uncached, exact rollback (by hand), the loss, and every attention backend honouring its mask."""
 import math
+from dataclasses import replace
 import subprocess
 import sys
 import warnings
@@ -26,6 +27,7 @@ from tidar import (
     tidar_inputs,
     tidar_loss,
     tidar_training_mask,
+    training_loss,
 )
 
 
@@ -253,6 +255,59 @@ def test_flex_attention_block_masks_give_the_dense_logits(tiny):
         other = flex_mask(training_allowed, 32, torch.device("cpu"), S=16, B=B + 4)  # another block length
         assert not torch.allclose(tiny(*tidar_inputs(x, B, m, flex=True)), tiny(*tidar_inputs(x, B, m)[:2], other))
         assert flex_mask(causal_allowed, 16, torch.device("cpu")) is ar_inputs(x, True)[2]  # built once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's attention kernels exist only on CUDA")
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_cuda_attention_honours_the_decode_mask(dtype, atol):
+    """On a GPU (CI has none): whatever kernel SDPA picks there for a decode step (per-row mask over a static
+    cache, float32 or bfloat16) attends as the CPU's float64 path does; scratch slots full of garbage stay
+    hidden, as they must when a kernel would rather ignore the mask."""
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=128, seq_len=64)
+    attn, B, k, C = SelfAttention(config, 0).double(), 2, 4, 128
+    T, L = k + k * k, torch.tensor([5, 17])
+    cache = KVCache(config, B, 48, dtype=torch.float64)
+    cache.k.normal_(), cache.v.normal_()
+    for b in range(B):  # past the committed rows and this step's own: never to be seen
+        cache.k[:, b, :, L[b] + T :], cache.v[:, b, :, L[b] + T :] = 100.0, 100.0
+    x, cos, sin = torch.randn(B, T, C, dtype=torch.float64), torch.randn(T, 32), torch.randn(T, 32)
+    mask = decode_step_mask(L, k, cache.max_len)[:, None]  # (B, 1, T, K), as GPT.forward passes it
+
+    def attend(device, dtype):
+        c = KVCache(config, B, 48, device, dtype)
+        c.k.copy_(cache.k), c.v.copy_(cache.v), c.length.copy_(L)
+        to = lambda t: t.to(device, dtype)
+        return attn.to(device, dtype)(to(x), to(cos), to(sin), mask.to(device), c).double().cpu()
+
+    ref = attend("cpu", torch.float64)
+    torch.testing.assert_close(attend("cuda", dtype), ref, rtol=0, atol=atol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention runs only on CUDA")
+def test_cuda_compiled_flex_training_equals_dense():
+    """On a GPU (CI has none): a training step as train.py runs it there, compiled with FlexAttention block
+    masks, gives the loss and the gradients of the dense-mask path, for both objectives."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=11, eot_id=10, seq_len=128, block_len=16, n_layer=2, n_head=2, n_embd=64)
+    model = GPT(config).cuda()
+    with torch.no_grad():  # sharper attention than at initialisation, so that a wrong mask shows in the loss
+        for layer in model.layers:
+            layer.attn.c_attn.weight.mul_(10)
+    data = torch.randint(0, 10, (2, config.seq_len + 1), device="cuda")
+    x, y = data[:, :-1], data[:, 1:]
+    compiled = torch.compile(model, dynamic=False)
+
+    def loss_and_grads(forward, objective, flex, block_len=config.block_len):
+        loss = training_loss(forward, replace(config, block_len=block_len), x, y, objective, flex=flex)[0]
+        return [loss, *torch.autograd.grad(loss, list(model.parameters()))]
+
+    for objective in ("ar", "tidar"):
+        dense, flex = loss_and_grads(model, objective, False), loss_and_grads(compiled, objective, True)
+        for d, f in zip(dense, flex):
+            torch.testing.assert_close(f, d, rtol=1e-3, atol=1e-4)
+    wrong = loss_and_grads(model, "tidar", False, block_len=8)  # this tolerance tells another mask apart
+    assert not all(torch.allclose(w, d, rtol=1e-3, atol=1e-4) for w, d in zip(wrong, dense))
 
 
 def test_forward_refuses_a_missing_or_wrong_mask(tiny):
