@@ -363,8 +363,8 @@ def cuda_graph(step):
     the graph's own, and the tensors it closes over (the cache, the drafts) are updated in place.
     A graph holds addresses, not values. So when an earlier call recorded a step with the same code, the same
     Python values (k, temperature, beta, the model) and tensors of the same shapes, this call copies its
-    starting state into that call's tensors and replays that graph: recording costs a few steps of eager
-    time, as much as a short generation takes replayed (gpt-fast keeps its cache across calls for this).
+    starting state into that call's tensors and replays that graph, which saves recording anew (about as
+    long as a few eager steps); gpt-fast keeps its cache across calls for the same reason.
     Otherwise the first call is a real step, run eagerly on a side stream (the warm-up capture requires);
     it then records, and every later call replays and returns the same output tensors, refilled. (So two
     generations with one key must not run at once, from two threads: they would share those tensors.)
