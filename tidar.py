@@ -44,9 +44,9 @@ class GPTConfig:
 
 
 def rope_tables(seq_len, head_dim, base):
-    """cos and sin of the rotary angles, (seq_len, head_dim/2), indexed by position id."""
+    """cos and sin of the rotary angles, (seq_len, head_dim), indexed by position id: the hs/2 angles, twice."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq).repeat(1, 2)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -55,9 +55,10 @@ def apply_rope(x, cos, sin):
     # the distance between positions, so a mask at offset r of its block sees the same picture whether the
     # block starts at a multiple of B (training) or anywhere (decoding). Position ids are explicit because
     # the masks of the doubled sequence repeat the positions of the clean half.
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2), or (B, 1, T, hs/2) with a position per row
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    # Each pair (x1_i, x2_i) turns by its angle: (x1 cos - x2 sin, x2 cos + x1 sin), in five kernels.
+    x1, x2 = x.chunk(2, dim=-1)  # (..., T, hs/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs), or (B, 1, T, hs) with a position per row
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class SelfAttention(nn.Module):
@@ -71,7 +72,7 @@ class SelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(torch.stack([q, k]), cos, sin)  # both at once: a decode step is as many kernels as it is long
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)  # (B, nh, max_len, hs): the whole buffer
         # The mask is the whole of TiDAR's "two modes in one forward": True = may attend.
@@ -138,7 +139,7 @@ class GPT(nn.Module):
         if dense:
             mask = mask.unsqueeze(-3)  # (1 or B, 1, T, K): the same for every head
         x = self.wte(idx)  # (B, T, C)
-        cos, sin = self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3)  # (1 or B, 1, T, hs/2)
+        cos, sin = self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3)  # (1 or B, 1, T, hs)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)

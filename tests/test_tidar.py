@@ -230,7 +230,7 @@ def test_attention_honours_the_bool_mask(per_row):
     mask = torch.rand(B if per_row else 1, T, T) < 0.5
     mask[:, torch.arange(T), torch.randint(0, T, (T,))] = True  # no empty row
     mask = mask[:, None] if per_row else mask[0]  # (B, 1, T, T) as GPT.forward passes it, or (T, T)
-    cos, sin = torch.randn(T, 4, dtype=torch.float64), torch.randn(T, 4, dtype=torch.float64)
+    cos, sin = torch.randn(T, 8, dtype=torch.float64), torch.randn(T, 8, dtype=torch.float64)
     out = attn(x, cos, sin, mask)
     # the same computation by hand
     q, k, v = attn.c_attn(x).split(C, dim=2)
@@ -257,6 +257,17 @@ def test_flex_attention_block_masks_give_the_dense_logits(tiny):
         assert flex_mask(causal_allowed, 16, torch.device("cpu")) is ar_inputs(x, True)[2]  # built once
 
 
+def test_positions_are_relative(tiny):
+    """Rotary positions, the README's choice: shifting every position id by the same amount leaves the logits
+    as they were, so a block of masks sees the same picture wherever it starts (training: at multiples of B;
+    decoding: anywhere)."""
+    idx, mask = torch.randint(0, 10, (2, 12)), prefill_mask(8, 4)
+    logits = [tiny(idx, torch.arange(12) + shift, mask) for shift in (0, 5, 29)]
+    for shifted in logits[1:]:
+        torch.testing.assert_close(shifted, logits[0], rtol=0, atol=1e-10)
+    assert not torch.allclose(tiny(idx, torch.arange(12).flip(0), mask), logits[0])  # the order of positions counts
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's attention kernels exist only on CUDA")
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_cuda_attention_honours_the_decode_mask(dtype, atol):
@@ -271,7 +282,7 @@ def test_cuda_attention_honours_the_decode_mask(dtype, atol):
     cache.k.normal_(), cache.v.normal_()
     for b in range(B):  # past the committed rows and this step's own: never to be seen
         cache.k[:, b, :, L[b] + T :], cache.v[:, b, :, L[b] + T :] = 100.0, 100.0
-    x, cos, sin = torch.randn(B, T, C, dtype=torch.float64), torch.randn(T, 32), torch.randn(T, 32)
+    x, cos, sin = torch.randn(B, T, C, dtype=torch.float64), torch.randn(T, 64), torch.randn(T, 64)
     mask = decode_step_mask(L, k, cache.max_len)[:, None]  # (B, 1, T, K), as GPT.forward passes it
 
     def attend(device, dtype):
