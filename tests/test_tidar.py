@@ -1,10 +1,10 @@
 """The model side of the properties in the README's "Tests" section: masks, no leakage, the clean half is AR,
 cached = uncached, exact rollback (by hand), the loss, and every attention backend honouring its mask."""
 import math
-from dataclasses import replace
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
