@@ -72,7 +72,7 @@ class SelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        q, k = apply_rope(torch.stack([q, k]), cos, sin)  # together, in half the kernels: a decode step costs what it launches
+        q, k = apply_rope(torch.stack([q, k]), cos, sin)  # together: half the kernels to launch
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)  # (B, nh, max_len, hs): the whole buffer
         # The mask is the whole of TiDAR's "two modes in one forward": True = may attend.
