@@ -4,6 +4,7 @@ the CLI and its bad inputs."""
 import contextlib
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -679,6 +680,22 @@ def test_cli_eager_turns_the_cuda_graph_off(tmp_path, monkeypatch):
         sample.main(sample.parser.parse_args(["--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "x",
                                               "--max_new_tokens", "4", "--compare", *flags]))
         assert len(seen) == 4 and set(seen) == {capture}
+
+
+def test_cli_replayed_equals_eager(tmp_path, cpu_graphs, capsys):
+    """sample.py as a user runs it, with its steps replayed from (emulated) CUDA graphs: several samples,
+    batches of prompts of different lengths, sampling and --compare print what eager decoding prints."""
+    write_checkpoint(tmp_path)
+    (tmp_path / "prompts.txt").write_text("def f(x):\n<|endoftext|>\nimport os\n<|endoftext|>\nclass A:\n")
+    printed = []
+    for flags in ([], ["--eager"]):
+        sample.main(sample.parser.parse_args(["--out_dir", str(tmp_path), "--device", "cpu", "--prompt",
+                                              f"FILE:{tmp_path / 'prompts.txt'}", "--batch_size", "2",
+                                              "--num_samples", "2", "--temperature", "0.8", "--max_new_tokens",
+                                              "12", "--compare", "--show", *flags]))
+        printed.append(re.sub(r"[\d.]+ ?(s|tokens/s|x)\b", "", capsys.readouterr().out))  # not the timings
+    assert printed[0] == printed[1] and printed[0].count("--- AR:") == 4
+    assert len(cpu_graphs) == 4  # two batch shapes by two decoders, recorded once, replayed by the second sample
 
 
 def test_cli_batches(tmp_path):
