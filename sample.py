@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from data.prepare import get_tokenizer
 from tidar import GPT, GPTConfig, KVCache, pick_device
-from tidar import causal_mask, decode_step_mask, decode_step_positions, prefill_mask
+from tidar import causal_mask, decode_step_mask, decode_step_positions, place_step_mask, prefill_mask
 
 # -----------------------------------------------------------------------------
 # The decoders
@@ -79,6 +79,7 @@ def generate_tidar(
     cache, last = new_cache(model, prompts, max_new_tokens, T)
     draw = uniforms(B, 2 * k, temperature, generator, cache.device)
     rows, mask_ids = torch.arange(B, device=cache.device), torch.full((B, k * k), config.mask_id, device=cache.device)
+    own = decode_step_mask(0, k, device=cache.device)  # (T, T): a step's mask among its own tokens, the same every step
 
     # Prefill: each prompt (causal), then k masks at positions P .. P+k-1 that see the whole prompt and each
     # other. d_0 comes from the AR output at p_{P-1} (mixed with mask slot 0; under the paper's rule slot 0
@@ -94,9 +95,7 @@ def generate_tidar(
         #    block b (positions L+b .. L+b+k-1) sees the cache and d_0 .. d_{b-1}: it is the pre-draft for
         #    "d_0 .. d_{b-1} accepted". All T tokens' K/V are written to the cache past its committed length.
         d = torch.cat([d0[:, None], drafts], dim=1)  # (B, k)
-        # (choice) The paper builds one large mask once and slices it; with a length per row, the pattern
-        # function builds each row's mask from L instead, a few element-wise operations inside the step.
-        pos, mask = decode_step_positions(L, k, cache.device), decode_step_mask(L, k, cache.max_len, cache.device)
+        pos, mask = decode_step_positions(L, k, cache.device), place_step_mask(own, L, cache.max_len)
         logits = model(torch.cat([d, mask_ids], dim=1), pos, mask, cache)  # (B, T, V)
         ar, blocks = logits[:, :k], logits[:, k:].view(B, k, k, -1)  # ar[:, j]: after d_j; blocks[:, b-1]: block b
         target = mix(ar, blocks[:, :, 0], beta)  # (B, k, V): row j for position L+j+1, where block j+1's slot 0 is too

@@ -247,6 +247,19 @@ def decode_step_mask(L, k, n_keys=None, device=None):
     return _mask(decode_step_allowed, T, n_keys or L + T, device, L=L, k=k)
 
 
+def place_step_mask(own, L, n_keys):
+    """
+    The paper's mask trick, for a static cache. Every step has the same k + k*k queries, so the part of its
+    mask among its own tokens, own = decode_step_mask(0, k), never changes: built once, it is placed after
+    each row's L cache columns (all visible) at slots L .. L+T-1, and every later slot is hidden.
+    own (T, T), L (B,) -> (B, T, n_keys), equal to decode_step_mask(L, k, n_keys) in a few kernels.
+    """
+    T = own.size(0)
+    jn = torch.arange(n_keys, device=own.device) - L[:, None]  # (B, n_keys): a slot's index among the step's tokens
+    placed = own[:, jn.clamp(0, T - 1)].transpose(0, 1)  # (B, T, n_keys): own's column jn, for 0 <= jn < T
+    return (jn < 0)[:, None, :] | (placed & (jn < T)[:, None, :])
+
+
 def decode_step_positions(L, k, device=None):
     """Position ids of one decode step: d_a at L + a; block b's slot s at L + b + s (the slot after d_{b-1})."""
     d = torch.arange(k, device=device)

@@ -23,6 +23,7 @@ from tidar import (
     causal_mask,
     decode_step_mask,
     decode_step_positions,
+    place_step_mask,
     prefill_mask,
     tidar_inputs,
     tidar_loss,
@@ -85,6 +86,7 @@ def test_per_row_masks_hide_every_slot_past_what_a_row_may_see():
     k, n_keys, L = 3, 40, torch.tensor([0, 5, 20])
     M = decode_step_mask(L, k, n_keys)
     assert M.shape == (3, k + k * k, n_keys)
+    assert torch.equal(place_step_mask(decode_step_mask(0, k), L, n_keys), M)  # the paper's trick: the same mask
     for b, l in enumerate(L.tolist()):
         own = decode_step_mask(l, k)
         assert torch.equal(M[b, :, : own.size(1)], own) and not M[b, :, own.size(1) :].any()
