@@ -61,6 +61,11 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def additive(mask, dtype):
+    """A bool mask (True = may attend) as the attention kernels add it to the scores: 0, or -inf (never seen)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -136,9 +141,9 @@ class GPT(nn.Module):
             # No silent fallback to causal attention: without its mask this is not TiDAR.
             got = None if mask is None else (mask.dtype, tuple(mask.shape))
             raise ValueError(f"attention needs a bool mask of shape (..., {T}, {K}), got {got}")
-        if dense:
-            mask = mask.unsqueeze(-3)  # (1 or B, 1, T, K): the same for every head
         x = self.wte(idx)  # (B, T, C)
+        if dense:  # made additive once here, rather than by SDPA in every layer
+            mask = additive(mask, x.dtype).unsqueeze(-3)  # (1 or B, 1, T, K): the same for every head
         cos, sin = self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3)  # (1 or B, 1, T, hs)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)

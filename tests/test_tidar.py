@@ -15,6 +15,7 @@ from tidar import (
     GPTConfig,
     KVCache,
     SelfAttention,
+    additive,
     apply_rope,
     causal_allowed,
     flex_mask,
@@ -223,7 +224,8 @@ def test_gradients_reach_both_halves(tiny):
 
 
 @pytest.mark.parametrize("per_row", [False, True])
-def test_attention_honours_the_bool_mask(per_row):
+@pytest.mark.parametrize("as_given", ["bool", "additive"])  # additive: as GPT.forward hands it to every layer
+def test_attention_honours_the_bool_mask(per_row, as_given):
     torch.manual_seed(1)
     config = GPTConfig(n_embd=16, n_head=2, seq_len=16)
     attn = SelfAttention(config, 0).double()
@@ -233,7 +235,7 @@ def test_attention_honours_the_bool_mask(per_row):
     mask[:, torch.arange(T), torch.randint(0, T, (T,))] = True  # no empty row
     mask = mask[:, None] if per_row else mask[0]  # (B, 1, T, T) as GPT.forward passes it, or (T, T)
     cos, sin = torch.randn(T, 8, dtype=torch.float64), torch.randn(T, 8, dtype=torch.float64)
-    out = attn(x, cos, sin, mask)
+    out = attn(x, cos, sin, mask if as_given == "bool" else additive(mask, torch.float64))
     # the same computation by hand
     q, k, v = attn.c_attn(x).split(C, dim=2)
     q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
@@ -251,7 +253,8 @@ def test_flex_attention_block_masks_give_the_dense_logits(tiny):
     x, B, m = torch.randint(0, 10, (2, 16)), tiny.config.block_len, tiny.config.mask_id
     with warnings.catch_warnings(), torch.no_grad():  # no backward on the CPU
         warnings.simplefilter("ignore")  # "called without torch.compile": expected here
-        for flex, dense in [(tidar_inputs(x, B, m, flex=True), tidar_inputs(x, B, m)), (ar_inputs(x, True), ar_inputs(x))]:
+        pairs = [(tidar_inputs(x, B, m, flex=True), tidar_inputs(x, B, m)), (ar_inputs(x, True), ar_inputs(x))]
+        for flex, dense in pairs:
             assert dense[2].dtype == torch.bool and not isinstance(flex[2], torch.Tensor)
             torch.testing.assert_close(tiny(*flex), tiny(*dense), rtol=0, atol=1e-10)
         other = flex_mask(training_allowed, 32, torch.device("cpu"), S=16, B=B + 4)  # another block length
@@ -273,9 +276,9 @@ def test_positions_are_relative(tiny):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's attention kernels exist only on CUDA")
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_cuda_attention_honours_the_decode_mask(dtype, atol):
-    """On a GPU (CI has none): whatever kernel SDPA picks there for a decode step (per-row mask over a static
-    cache, float32 or bfloat16) attends as the CPU's float64 path does; scratch slots full of garbage stay
-    hidden, as they must when a kernel would rather ignore the mask."""
+    """On a GPU (CI has none): whatever kernel SDPA picks there for a decode step (a per-row mask over a static
+    cache, made additive as GPT.forward does; float32 or bfloat16) attends as the CPU's float64 path does, and
+    scratch slots full of garbage stay hidden, as they must when a kernel would rather ignore the mask."""
     torch.manual_seed(0)
     config = GPTConfig(n_layer=1, n_head=2, n_embd=128, seq_len=64)
     attn, B, k, C = SelfAttention(config, 0).double(), 2, 4, 128
@@ -285,13 +288,13 @@ def test_cuda_attention_honours_the_decode_mask(dtype, atol):
     for b in range(B):  # past the committed rows and this step's own: never to be seen
         cache.k[:, b, :, L[b] + T :], cache.v[:, b, :, L[b] + T :] = 100.0, 100.0
     x, cos, sin = torch.randn(B, T, C, dtype=torch.float64), torch.randn(T, 64), torch.randn(T, 64)
-    mask = decode_step_mask(L, k, cache.max_len)[:, None]  # (B, 1, T, K), as GPT.forward passes it
+    mask = decode_step_mask(L, k, cache.max_len)[:, None]  # (B, 1, T, K)
 
     def attend(device, dtype):
         c = KVCache(config, B, 48, device, dtype)
         c.k.copy_(cache.k), c.v.copy_(cache.v), c.length.copy_(L)
         to = lambda t: t.to(device, dtype)
-        return attn.to(device, dtype)(to(x), to(cos), to(sin), mask.to(device), c).double().cpu()
+        return attn.to(device, dtype)(to(x), to(cos), to(sin), additive(mask.to(device), dtype), c).double().cpu()
 
     ref = attend("cpu", torch.float64)
     torch.testing.assert_close(attend("cuda", dtype), ref, rtol=0, atol=atol)
