@@ -54,7 +54,7 @@ device = "auto"  # 'auto' (cuda, then mps, then cpu) | 'cuda' | 'mps' | 'cpu'
 compile = "auto"  # 'auto' (on with CUDA, where torch.compile works) | True | False
 seed = 1337  # >= 0; fixes the initialisation and every batch
 # With no GPU (the device resolves to cpu) a fresh run takes these values instead, except those set on the
-# command line. Measured on 2 cores of an AMD EPYC: 10.5 minutes (about 200 ms/iter), val loss 5.60 -> 2.45
+# command line. Measured on 2 cores of an AMD EPYC: 9.7 minutes (about 205 ms/iter), val loss 5.60 -> 2.45
 # (AR 1.74 nats per token of the default "code" tokenizer). Time on the CPU goes to the doubled sequence's
 # attention; the shape, context and learning rate were chosen by short runs of equal time.
 cpu_preset = dict(n_layer=4, n_head=2, n_embd=128, seq_len=256, block_len=8, batch_size=6, max_iters=2800,
