@@ -95,6 +95,7 @@ def generate_tidar(
         #    block b (positions L+b .. L+b+k-1) sees the cache and d_0 .. d_{b-1}: it is the pre-draft for
         #    "d_0 .. d_{b-1} accepted". All T tokens' K/V are written to the cache past its committed length.
         d = torch.cat([d0[:, None], drafts], dim=1)  # (B, k)
+        # The paper's mask trick (README, "The KV cache"): own, built once, placed after each row's L cache slots.
         pos, mask = decode_step_positions(L, k, cache.device), place_step_mask(own, L, cache.max_len)
         logits = model(torch.cat([d, mask_ids], dim=1), pos, mask, cache)  # (B, T, V)
         ar, blocks = logits[:, :k], logits[:, k:].view(B, k, k, -1)  # ar[:, j]: after d_j; blocks[:, b-1]: block b
@@ -362,8 +363,8 @@ def cuda_graph(step):
     the graph's own, and the tensors it closes over (the cache, the drafts) are updated in place.
     A graph holds addresses, not values. So when an earlier call recorded a step with the same code, the same
     Python values (k, temperature, beta, the model) and tensors of the same shapes, this call copies its
-    starting state into that call's tensors and replays that graph, which saves recording anew (about as
-    long as a few eager steps); gpt-fast keeps its cache across calls for the same reason.
+    starting state into that call's tensors and replays that graph, which saves recording anew (an eager
+    step and a recording pass); gpt-fast keeps its cache across calls for the same reason.
     Otherwise the first call is a real step, run eagerly on a side stream (the warm-up capture requires);
     it then records, and every later call replays and returns the same output tensors, refilled. (So two
     generations with one key must not run at once, from two threads: they would share those tensors.)
@@ -401,8 +402,9 @@ def cuda_graph(step):
 def graph_key(fn):
     """
     What a recorded fn depends on besides the values in its tensors, and those tensors: per variable it
-    closes over, a model by the addresses of its weights, a tensor (or a KVCache's) by its shape, and any
-    other value by itself; and the global switches that decide which kernels run and what may be written.
+    closes over, a model by its weights' addresses and dtypes, a tensor (or a KVCache's) by its shape,
+    dtype and device, and any other value by itself; and the global switches that decide which kernels run
+    and what may be written.
     """
     key = [fn.__code__, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
            torch.get_autocast_dtype("cuda"), torch.get_float32_matmul_precision()]
@@ -410,7 +412,7 @@ def graph_key(fn):
     for cell in fn.__closure__ or ():
         v = cell.cell_contents
         if isinstance(v, torch.nn.Module):
-            key.append((v, *(t.data_ptr() for t in [*v.parameters(), *v.buffers()])))
+            key.append((v, *((t.data_ptr(), t.dtype) for t in [*v.parameters(), *v.buffers()])))
             continue
         for x in vars(v).values() if isinstance(v, KVCache) else [v]:
             if isinstance(x, torch.Tensor):

@@ -61,7 +61,7 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def additive(mask, dtype):
+def additive_mask(mask, dtype):
     """A bool mask (True = may attend) as the attention kernels add it to the scores: 0, or -inf (never seen)."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
@@ -80,7 +80,8 @@ class SelfAttention(nn.Module):
         q, k = apply_rope(torch.stack([q, k]), cos, sin)  # together: half the kernels to launch
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)  # (B, nh, max_len, hs): the whole buffer
-        # The mask is the whole of TiDAR's "two modes in one forward": True = may attend.
+        # The mask is the whole of TiDAR's "two modes in one forward": added to the scores (0, or -inf where a
+        # query may not attend; GPT.forward makes it from the bool pattern), or a FlexAttention BlockMask.
         if isinstance(mask, BlockMask):  # training on CUDA: the same pattern, all-False tiles skipped
             y = flex_attention(q, k, v, block_mask=mask)
         else:
@@ -143,7 +144,7 @@ class GPT(nn.Module):
             raise ValueError(f"attention needs a bool mask of shape (..., {T}, {K}), got {got}")
         x = self.wte(idx)  # (B, T, C)
         if dense:  # made additive once here, rather than by SDPA in every layer
-            mask = additive(mask, x.dtype).unsqueeze(-3)  # (1 or B, 1, T, K): the same for every head
+            mask = additive_mask(mask, x.dtype).unsqueeze(-3)  # (1 or B, 1, T, K): the same for every head
         cos, sin = self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3)  # (1 or B, 1, T, hs)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
@@ -154,7 +155,8 @@ class GPT(nn.Module):
 # 2. Attention patterns. Each is a pure function of (query index i, key index j) -> may attend, written
 # with comparisons and & | only, so it works on Python ints (the tests' slow loops), on broadcast index
 # tensors, and as a FlexAttention mask function alike. Lengths (L, P) may be one per row. The *_mask
-# functions turn them into (queries, keys) bool tensors, (B, queries, keys) for per-row lengths.
+# functions turn them into (queries, keys) bool tensors, (B, queries, keys) for per-row lengths;
+# place_step_mask places a decode step's own part after each row's cache (the paper's mask trick).
 # Keys are cache slots when there is a cache: the committed tokens at 0 .. L-1, then this forward's own
 # tokens at L .. L+T-1; any slot past what a pattern names is hidden.
 

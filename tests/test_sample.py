@@ -329,6 +329,26 @@ def replays_equal_eager(model, graphs):
     assert decoders[2](model, first, capture=True) == decoders[2](model, first, capture=False)
 
 
+def test_graphs_are_kept_by_key_least_recently_used_first(tiny, cpu_graphs):
+    """At most 8 graphs are kept, and the one used least recently goes first; a switch that picks other
+    kernels (the float32 matmul precision) gets a graph of its own. Greedy, so that every call has steps."""
+    top_ks = list(range(1, 10))  # one key each
+    decode = lambda top_k: generate_ar(tiny, [1, 2], 3, top_k=top_k, capture=True)
+    for top_k in top_ks[:8]:
+        decode(top_k)
+    decode(top_ks[0])  # used again: now the most recently used
+    decode(top_ks[8])  # a ninth key: top_ks[1], the least recently used, goes
+    kept = lambda top_k: sum(top_k in key for key in cpu_graphs)
+    assert [kept(t) for t in top_ks] == [1, 0, 1, 1, 1, 1, 1, 1, 1]
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium" if precision != "medium" else "high")
+    try:
+        decode(top_ks[0])
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert len(cpu_graphs) == 8 and kept(top_ks[0]) == 2
+
+
 def test_replayed_steps_equal_eager_steps(tiny, cpu_graphs):
     replays_equal_eager(tiny, cpu_graphs)
 

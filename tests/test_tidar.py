@@ -15,7 +15,7 @@ from tidar import (
     GPTConfig,
     KVCache,
     SelfAttention,
-    additive,
+    additive_mask,
     apply_rope,
     causal_allowed,
     flex_mask,
@@ -235,7 +235,7 @@ def test_attention_honours_the_bool_mask(per_row, as_given):
     mask[:, torch.arange(T), torch.randint(0, T, (T,))] = True  # no empty row
     mask = mask[:, None] if per_row else mask[0]  # (B, 1, T, T) as GPT.forward passes it, or (T, T)
     cos, sin = torch.randn(T, 8, dtype=torch.float64), torch.randn(T, 8, dtype=torch.float64)
-    out = attn(x, cos, sin, mask if as_given == "bool" else additive(mask, torch.float64))
+    out = attn(x, cos, sin, mask if as_given == "bool" else additive_mask(mask, torch.float64))
     # the same computation by hand
     q, k, v = attn.c_attn(x).split(C, dim=2)
     q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
@@ -294,7 +294,7 @@ def test_cuda_attention_honours_the_decode_mask(dtype, atol):
         c = KVCache(config, B, 48, device, dtype)
         c.k.copy_(cache.k), c.v.copy_(cache.v), c.length.copy_(L)
         to = lambda t: t.to(device, dtype)
-        return attn.to(device, dtype)(to(x), to(cos), to(sin), additive(mask.to(device), dtype), c).double().cpu()
+        return attn.to(device, dtype)(to(x), to(cos), to(sin), additive_mask(mask.to(device), dtype), c).double().cpu()
 
     ref = attend("cpu", torch.float64)
     torch.testing.assert_close(attend("cuda", dtype), ref, rtol=0, atol=atol)

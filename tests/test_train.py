@@ -253,8 +253,7 @@ def test_ar_baseline_trains_on_the_same_data(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     ev = evals(r.stdout)
     assert ev[-1][2] < ev[0][2] - 0.5  # the AR loss goes down (the data is tidar.py's text: it moves with edits)
-    assert ev[-1][3] > ev[0][3] - 0.5  # while the diffusion mode, never trained, stays near chance
-    assert re.search(r"iter 10: loss ([\d.]+) \(ar \1\), lr", r.stdout)
+    assert re.search(r"iter 10: loss ([\d.]+) \(ar \1\), lr", r.stdout)  # and the loss is the AR term alone
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["train_config"]["objective"] == "ar"
 
 
