@@ -1,9 +1,9 @@
 """
-Command-line settings for train.py, in the manner of nanoGPT's configurator.py: each setting at the top of
-train.py is overridden with --name=value under the same name, and --help lists them with their comments.
-A wrong name, type or choice is one line on stderr and exit status 2 (a usage error), before anything slow
-happens; fail() is also train.py's one way to stop on a bad input, and interrupted_early() its way to stop
-on a Ctrl-C before training starts.
+The command line of the scripts. train.py's settings, in the manner of nanoGPT's configurator.py: each
+setting at the top of train.py is overridden with --name=value under the same name, and --help lists them
+with their comments. A wrong name, type or choice is one line on stderr and exit status 2 (a usage error),
+before anything slow happens. And what every script shares: fail(), its one way to stop on a bad input, and
+quiet_exits(), which turns a Ctrl-C or a closed pipe into one line instead of a traceback.
 """
 import ast
 import difflib
@@ -13,16 +13,25 @@ import sys
 
 
 def fail(msg, code=1):
-    print(f"train.py: error: {msg}", file=sys.stderr)  # one line, no traceback
+    print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)  # one line, no traceback
     sys.exit(code)
 
 
-def interrupted_early(kind, value, traceback):
-    """train.py's sys.excepthook: a Ctrl-C before training starts is one line, not a traceback."""
-    if not issubclass(kind, KeyboardInterrupt):
-        return sys.__excepthook__(kind, value, traceback)
-    if os.environ.get("RANK", "0") == "0":  # torchrun passes Ctrl-C to every process
-        print("train.py: interrupted before training started; nothing was written", file=sys.stderr)
+def quiet_exits(note=""):
+    """
+    A sys.excepthook for a script: an uncaught Ctrl-C prints `script: interrupted<note>` (and a shell sees
+    exit status 130, as for any program stopped by Ctrl-C); output into a closed pipe (`... | head`) ends
+    the script silently, with exit status 1. Any other exception keeps its traceback.
+    """
+    def hook(kind, value, traceback):
+        if issubclass(kind, BrokenPipeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        elif not issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, value, traceback)
+        elif os.environ.get("RANK", "0") == "0":  # torchrun passes Ctrl-C to every process
+            print(f"{os.path.basename(sys.argv[0])}: interrupted{note}", file=sys.stderr)
+
+    return hook
 
 
 def parse_overrides(args, settings, choices, script, cpu_preset):

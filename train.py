@@ -4,6 +4,8 @@ Train a TiDAR model (or, with --objective=ar, the plain AR baseline) on the toke
     python train.py                                    # one process, whatever device is there
     torchrun --standalone --nproc_per_node=8 train.py  # DDP: nccl on CUDA, gloo on CPU
     python train.py --init_from=resume                 # continue out_dir/ckpt.pt where it stopped
+    python train.py --objective=ar --out_dir=out-ar    # the paper's recipe: an AR model first ...
+    python train.py --init_from=out-ar                 # ... then TiDAR from its weights (continual pretraining)
     python train.py --help                             # the settings, their defaults and valid values
 
 Every setting below can be overridden with --name=value. The defaults are sized for one GPU; with no GPU
@@ -19,9 +21,15 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
-from configurator import fail, interrupted_early, parse_overrides
+from configurator import fail, parse_overrides, quiet_exits
 
-sys.excepthook = interrupted_early  # Ctrl-C while starting: one line (the loop and the data preparation catch theirs)
+try:
+    import fcntl  # the lock on out_dir (below); Linux and macOS
+except ImportError:  # Windows: no lock
+    fcntl = None
+
+# Ctrl-C while starting: one line (the loop and the data preparation catch theirs); so is `--help | head`
+sys.excepthook = quiet_exits(" before training started; nothing was written")
 
 # -----------------------------------------------------------------------------
 # Settings. The defaults are sized for one GPU: 25.4M parameters, 4000 steps of 32 sequences of 1024 tokens,
@@ -30,6 +38,7 @@ out_dir = "out"  # holds ckpt.pt
 overwrite = False  # False: a fresh run refuses to replace out_dir/ckpt.pt | True: it may
 data_dir = "data/pycode"  # from data/prepare.py; a missing folder named pycode is prepared on the spot
 objective = "tidar"  # 'tidar' (doubled sequence, AR + diffusion loss) | 'ar' (plain AR baseline, same data)
+ar_iters = 0  # 0 .. max_iters - 1: the first ar_iters steps train plain AR, then the objective (continual pretraining)
 alpha = 1.0  # >= 0: loss = (alpha * AR + diffusion) / (1 + alpha), README "Training: the doubled sequence"
 seq_len = 1024  # S >= 1, clean tokens per sequence; the model sees the doubled sequence of 2S
 block_len = 16  # B >= 1, the mask block length, a divisor of S; the default draft length in sample.py
@@ -49,7 +58,9 @@ grad_clip = 1.0  # >= 0, the max gradient norm; 0 = off
 eval_interval = 1000  # >= 1: evaluate and checkpoint every this many steps, and at the end
 eval_iters = 20  # >= 1 val batches per evaluation
 log_interval = 10  # >= 1 steps between log lines
-init_from = "scratch"  # 'scratch' | 'resume' (out_dir/ckpt.pt: its settings, iteration count and schedule)
+init_from = "scratch"  # 'scratch' | 'resume' (out_dir/ckpt.pt: its settings, iteration count and schedule) | DIR
+# (DIR: another run's folder, say an AR baseline's: start from its weights, with this run's settings, a fresh
+# optimizer and schedule; the model's shape and tokenizer must be the checkpoint's)
 device = "auto"  # 'auto' (cuda, then mps, then cpu) | 'cuda' | 'mps' | 'cpu'
 compile = "auto"  # 'auto' (on with CUDA, where torch.compile works) | True | False
 seed = 1337  # >= 0; fixes the initialisation and every batch
@@ -61,8 +72,7 @@ cpu_preset = dict(n_layer=4, n_head=2, n_embd=128, seq_len=256, block_len=8, bat
                   warmup_iters=100, lr=2e-3, min_lr=2e-4, eval_interval=700, eval_iters=20)
 # -----------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-choices = dict(objective=("tidar", "ar"), init_from=("scratch", "resume"), device=("auto", "cuda", "mps", "cpu"),
-               compile=("auto", True, False))
+choices = dict(objective=("tidar", "ar"), device=("auto", "cuda", "mps", "cpu"), compile=("auto", True, False))
 overrides = parse_overrides(sys.argv[1:], settings, choices, __file__, cpu_preset)
 globals().update(overrides)
 # A bad value stops here, with one line naming the setting, rather than as a traceback or a silent mistake later.
@@ -70,7 +80,7 @@ for k in ("seq_len", "block_len", "n_layer", "n_head", "n_embd", "batch_size", "
           "eval_interval", "eval_iters", "log_interval"):
     if not globals()[k] > 0:
         fail(f"--{k}={globals()[k]}: must be > 0", 2)
-for k in ("alpha", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "seed"):
+for k in ("alpha", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "seed", "ar_iters"):
     if not globals()[k] >= 0:
         fail(f"--{k}={globals()[k]}: must be >= 0", 2)
 for k in ("beta1", "beta2"):
@@ -81,7 +91,7 @@ for k in ("beta1", "beta2"):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tidar import GPT, GPTConfig, pick_device, tidar_inputs, tidar_loss, training_loss  # noqa: E402
+from tidar import GPT, GPTConfig, evaluate_batch, pick_device, training_loss  # noqa: E402
 
 try:
     device_type = pick_device(device)  # 'cuda' | 'mps' | 'cpu'
@@ -89,28 +99,45 @@ except ValueError as e:
     fail(str(e), 2)
 
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-ckpt = saved_iter = None  # saved_iter: the iteration of the last checkpoint in out_dir, if there is one
-if init_from == "resume":
+resume, from_run = init_from == "resume", init_from not in ("scratch", "resume")
+ckpt = saved_iter = started_from = None  # saved_iter: the iteration of the last checkpoint in out_dir, if any
+
+
+def read_checkpoint(path, needed, instead):
+    """The checkpoint of a train.py run, or one line that says what is wrong with it and what to do instead."""
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"no checkpoint {ckpt_path} to resume from: check --out_dir, or start with --init_from=scratch")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}): it is damaged or not from train.py; "
-             "move it away and start with --init_from=scratch")
-    needed = {"model", "model_config", "train_config", "tokenizer", "iter_num", "best_val_loss", "optimizer"}
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or not from train.py; {instead}")
     missing = sorted(needed - set(ckpt)) if isinstance(ckpt, dict) else sorted(needed)
     if missing:
-        fail(f"checkpoint {ckpt_path} is incompatible: it lacks {', '.join(missing)}; it was not written by "
-             "this train.py, start with --init_from=scratch")
+        fail(f"checkpoint {path} is incompatible: it lacks {', '.join(missing)}; it was not written by this "
+             f"train.py; {instead}")
+    return ckpt
+
+
+if resume:
+    if not os.path.exists(ckpt_path):
+        fail(f"no checkpoint {ckpt_path} to resume from: check --out_dir, or start with --init_from=scratch")
+    ckpt = read_checkpoint(ckpt_path, {"model", "model_config", "train_config", "tokenizer", "iter_num",
+                                       "best_val_loss", "optimizer"}, "move it away and start with --init_from=scratch")
     # Resume with the run's own settings (so the same schedule), then whatever the command line says.
     # The machine-specific ones stay as given here.
     keep = {"out_dir", "overwrite", "init_from", "device", "compile"} | set(overrides)
     globals().update({k: v for k, v in ckpt["train_config"].items() if k in settings and k not in keep})
-    saved_iter = ckpt["iter_num"]
+    saved_iter, started_from = ckpt["iter_num"], ckpt.get("started_from")
     if saved_iter >= max_iters:
         fail(f"{ckpt_path} is already at iter {saved_iter} of --max_iters={max_iters}: raise --max_iters to go on")
-cpu_run = init_from == "scratch" and device_type == "cpu"
+elif from_run:  # continual pretraining (README, "Continual pretraining"): another run's weights, this run's all else
+    source = os.path.join(init_from, "ckpt.pt")
+    if not os.path.isfile(source):
+        fail(f"--init_from={init_from}: there is no checkpoint {source}; pass 'scratch', 'resume' or the --out_dir "
+             "of a train.py run", 2)
+    ckpt = read_checkpoint(source, {"model", "model_config", "train_config", "tokenizer", "iter_num"},
+                           "pass the --out_dir of another train.py run")
+    started_from = dict(checkpoint=os.path.abspath(source), objective=ckpt["train_config"].get("objective"),
+                        iter_num=ckpt["iter_num"])
+cpu_run = not resume and device_type == "cpu"
 if cpu_run:
     globals().update({k: v for k, v in cpu_preset.items() if k not in overrides})
 train_config = {k: globals()[k] for k in settings}
@@ -119,8 +146,12 @@ if min_lr > lr:
     fail(f"--min_lr={min_lr} is above --lr={lr}: the schedule decays from lr down to min_lr", 2)
 if seq_len % block_len:
     fail(f"--seq_len={seq_len} must be a multiple of --block_len={block_len}: training blocks tile the sequence", 2)
+if ar_iters >= max_iters:
+    fail(f"--ar_iters={ar_iters} leaves no step of the objective in --max_iters={max_iters}: lower it", 2)
 if n_embd % (2 * n_head):
     fail(f"--n_embd={n_embd} must be a multiple of 2 * n_head={2 * n_head}: rotary positions need an even head size", 2)
+if data_dir == "data/pycode":  # the default dataset lives beside train.py, wherever train.py is started from
+    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), data_dir)
 meta_path = os.path.join(data_dir, "meta.json")
 default_data = os.path.basename(os.path.normpath(data_dir)) == "pycode"  # prepared on the spot when missing
 if not default_data and not os.path.exists(meta_path):
@@ -134,19 +165,36 @@ world_size = int(os.environ.get("WORLD_SIZE", 1))
 ddp, master = world_size > 1, rank == 0
 # The output folder is checked before anything slow: a fresh run never replaces a checkpoint unasked, and a
 # folder that cannot be written is found now, not at the first save after minutes of training.
-if init_from == "scratch" and os.path.exists(ckpt_path) and not overwrite:
+if not resume and os.path.exists(ckpt_path) and not overwrite:
     fail(f"{ckpt_path} already exists: continue it with --init_from=resume, train into another --out_dir, "
          "or replace it with --overwrite=True")
 if master:
     if not os.path.exists(out_dir):  # made by this run: if it stops before a checkpoint, no empty folder is left
         atexit.register(lambda: os.path.isdir(out_dir) and not os.listdir(out_dir) and os.rmdir(out_dir))
+    # One writer per folder: this run holds a lock on out_dir/train.lock while it lives. The kernel drops the
+    # lock when the process ends, however it ends, so a killed run leaves none stuck; the file goes at exit.
+    lock_path = os.path.join(out_dir, "train.lock")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".probe-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        lock = open(lock_path, "a+")  # and so out_dir can be written: found now, not at the first save
     except OSError as e:
         fail(f"cannot write to --out_dir={out_dir} ({e.strerror or e}): pick a folder you can write to")
+    if fcntl is None:  # Windows: no lock
+        lock.close()
+        os.remove(lock_path)
+    else:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.samestat(os.fstat(lock.fileno()), os.stat(lock_path)):  # removed by a run that ended
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            lock.seek(0)
+            fail(f"another train.py (pid {lock.read().strip() or '?'}) is training into --out_dir={out_dir}: "
+                 "wait for it to end, or pick another --out_dir")
+        atexit.register(os.remove, lock_path)  # while still locked: no other run can take this file meanwhile
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
     if cpu_run:
         preset = " ".join(f"{k}={globals()[k]}" for k in cpu_preset)
         as_measured = not set(overrides) & {*cpu_preset, "objective", "grad_accum"}
@@ -220,9 +268,9 @@ for split in ("train", "val"):
         damaged(f"{path} is missing")
     if os.path.getsize(path) % 2:
         damaged(f"{path} ends in half a token (an odd number of bytes)")
-    if os.path.getsize(path) // 2 <= seq_len:
-        fail(f"{path} holds {os.path.getsize(path) // 2} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
-             "lower --seq_len")
+    if (n := os.path.getsize(path) // 2) <= seq_len:
+        fail(f"{path} holds {n} tokens, fewer than seq_len + 1 = {seq_len + 1}: " +
+             (f"lower --seq_len to {n - 1} or less" if n > 1 else "prepare the dataset from more text"))
 
 
 def get_batch(split, *key):
@@ -253,19 +301,31 @@ groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, 
 optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device_type == "cuda")
 iter_num, best_val_loss = 0, float("inf")
 if ckpt is not None:
+    # Resuming, every model setting is the checkpoint's. Starting from another run, those that shape the weights
+    # and give the token ids their meaning must be; S and B are this run's own (neither is a weight: the
+    # rotary tables are computed, and an AR model has no blocks).
     now = dict(asdict(model_config), tokenizer=tokenizer)
     then = dict(ckpt["model_config"], tokenizer=ckpt["tokenizer"])
-    wrong = [f"{k}={then.get(k)!r} in the checkpoint but {v!r} now" for k, v in now.items() if then.get(k) != v]
+    own = () if resume else ("seq_len", "block_len")
+    wrong = [f"{k}={then.get(k)!r} in the checkpoint but {v!r} now" for k, v in now.items()
+             if k not in own and then.get(k) != v]
     try:
         if not wrong:
+            # From an AR model, the [MASK] row of the embedding starts as that checkpoint holds it: its random
+            # initialisation, shrunk by weight decay, as AR training never feeds a [MASK] and never gave it a
+            # gradient. A small random vector is how every other row started; the diffusion loss trains it
+            # from the first step.
             raw_model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            if resume:
+                optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         wrong = [type(e).__name__]
     if wrong:
-        fail(f"checkpoint {ckpt_path} is incompatible with this run: {'; '.join(wrong)}; "
-             "resume with the checkpoint's model settings and dataset, or start with --init_from=scratch")
-    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        fail(f"checkpoint {ckpt_path if resume else source} is incompatible with this run: {'; '.join(wrong)}; " +
+             ("resume with the checkpoint's model settings and dataset, or start with --init_from=scratch" if resume
+              else "train with its n_layer, n_head and n_embd, on a dataset of its tokenizer"))
+    if resume:
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     ckpt = None  # free the memory
 n_params = sum(p.numel() for p in raw_model.parameters())
 ckpt_bytes = 3 * 4 * n_params  # float32 weights and AdamW's two moments
@@ -276,25 +336,17 @@ if compile:
     model = torch.compile(model, dynamic=False)  # evaluation's doubled length gets its own graph, not a dynamic one
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-mask_id = model_config.mask_id
 
 
-@torch.no_grad()
 def evaluate():
-    """Val AR loss, diffusion loss, and draft accuracy by slot offset inside the block, (block_len,)."""
+    """Val AR loss, diffusion loss, and draft accuracy by offset inside the block, (block_len,)."""
     ar = diff = 0.0
     hits = torch.zeros(block_len)
     for i in range(eval_iters):
         x, y = get_batch("val", i)
         with autocast:
-            # both objectives are scored on the doubled sequence: its AR half is exactly a causal forward
-            # (README "Training: the doubled sequence"), and the diffusion half shows what the AR baseline
-            # cannot do
-            logits = model(*tidar_inputs(x, block_len, mask_id, flex))  # (b, 2S, V)
-            _, a, d = tidar_loss(logits, x, y, alpha)
-        drafts = logits[:, seq_len:].argmax(-1)  # (b, S): one-step diffusion's guess at every position
-        hits += (drafts == x).view(-1, block_len).float().mean(0).cpu()  # (block_len,): by position % block_len
-        ar, diff = ar + a.item(), diff + d.item()
+            a, d, h = evaluate_batch(model, model_config, x, y, flex)  # the AR baseline's diffusion half too
+        ar, diff, hits = ar + a, diff + d, hits + h
     return ar / eval_iters, diff / eval_iters, hits / eval_iters
 
 
@@ -314,7 +366,8 @@ def check_finite(name, value):
 def save_checkpoint():
     global saved_iter
     ckpt = dict(model=raw_model.state_dict(), model_config=asdict(model_config), train_config=train_config,
-                tokenizer=tokenizer, iter_num=iter_num, best_val_loss=best_val_loss, optimizer=optimizer.state_dict())
+                tokenizer=tokenizer, iter_num=iter_num, best_val_loss=best_val_loss, optimizer=optimizer.state_dict(),
+                started_from=started_from)
     tmp = ckpt_path + ".tmp"
     try:
         torch.save(ckpt, tmp)
@@ -332,10 +385,16 @@ def save_checkpoint():
 # Training loop
 tokens_per_iter = batch_size * grad_accum * world_size * seq_len  # clean tokens; the model sees twice as many
 if master:
+    if from_run:
+        untrained = "; an AR model never trained its [MASK] embedding" if started_from["objective"] == "ar" else ""
+        kind = "an AR" if started_from["objective"] == "ar" else "a TiDAR"
+        print(f"starting from the weights of {source} ({kind} run at iter {started_from['iter_num']}), with a fresh "
+              f"optimizer and schedule{untrained}", flush=True)
+    threads = f" (threads: {torch.get_num_threads()})"  # OMP_NUM_THREADS sets it
+    how = " (bf16)" if device_type == "cuda" else threads if device_type == "cpu" else ""
     print(f"{objective} model: {n_params / 1e6:.2f}M parameters, S={seq_len}, B={block_len}, "
           f"vocab {vocab_size} ({tokenizer}); {tokens_per_iter:,} tokens/iter "
-          f"on {world_size} x {device}{' (bf16)' if device_type == 'cuda' else ''}{', compiled' if compile else ''}; "
-          f"from iter {iter_num}", flush=True)
+          f"on {world_size} x {device}{how}{', compiled' if compile else ''}; from iter {iter_num}", flush=True)
 iter_start = t_iter = iter_num
 t_start = t0 = time.time()
 eval_time = 0.0
@@ -366,7 +425,8 @@ try:
             if ddp:  # average gradients across processes only once, on the last micro-step
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
-                loss, ar, diff = training_loss(model, model_config, x, y, objective, alpha, flex)
+                loss, ar, diff = training_loss(model, model_config, x, y, "ar" if iter_num < ar_iters else objective,
+                                               alpha, flex)
             # fetch the next micro-batch while the device works on this one
             x, y = get_batch("train", rank, iter_num * grad_accum + micro_step + 1)
             (loss / grad_accum).backward()

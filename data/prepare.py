@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import sys
 import sysconfig
 
@@ -52,8 +53,8 @@ def get_tokenizer(name):
             return tiktoken.get_encoding("gpt2")
         except Exception as e:
             raise RuntimeError(
-                f"cannot load the GPT-2 BPE vocabulary ({type(e).__name__}); tiktoken needs the network once, "
-                "or a copy in the folder named by TIKTOKEN_CACHE_DIR; or use an offline tokenizer: --tokenizer=code or byte"
+                f"cannot load the GPT-2 BPE vocabulary ({type(e).__name__}); tiktoken needs the network once, or a "
+                "copy in the folder named by TIKTOKEN_CACHE_DIR; or use an offline tokenizer: --tokenizer=code or byte"
             ) from None
     raise ValueError(f"unknown tokenizer {name!r}: use 'code', 'byte' or 'gpt2'")
 
@@ -147,6 +148,8 @@ def prepare_file(path, out_dir, tokenizer="code"):
         text = open(path, encoding="utf-8").read()
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
+    if not text:
+        raise ValueError(f"{path} is empty: give a file with the text to train on")
     cut = len(text) * 9 // 10  # one document: split by position, the last 10% is val
     return write_dataset(out_dir, [text[:cut]], [text[cut:]], tokenizer, source=os.path.abspath(path), n_files=1,
                          corpus_sha256=corpus_sha256({os.path.basename(path): text}))
@@ -176,4 +179,4 @@ if __name__ == "__main__":
         sys.exit(130)
     print(f"wrote {out_dir}: {meta['n_files']} file(s), {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
           f"val tokens ({args.tokenizer}, vocab {meta['vocab_size']})")
-    print(f"train on it with: python train.py --data_dir={os.path.relpath(out_dir)}")
+    print(f"train on it with: python train.py {shlex.quote('--data_dir=' + os.path.relpath(out_dir))}")

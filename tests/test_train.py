@@ -3,11 +3,14 @@ import importlib.metadata
 import json
 import os
 import platform
+import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -32,10 +35,14 @@ def train(*args, **kw):
     return run(os.path.join(ROOT, "train.py"), *args, **kw)
 
 
-def run_after(prelude, script, *args):
-    """script run as a user runs it, after `prelude` (Python code) has patched something to fail."""
+def after(prelude, script, *args):
+    """The arguments that run script as a user runs it, after `prelude` (Python code) has patched something."""
     launch = f"import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path({script!r}, run_name='__main__')"
-    return run("-c", f"{prelude}\n{launch}", script, *args)
+    return "-c", f"{prelude}\n{launch}", script, *args
+
+
+def run_after(prelude, script, *args):
+    return run(*after(prelude, script, *args))
 
 
 def fail_call(name, n, error, half_file=False):
@@ -164,6 +171,19 @@ def test_prepare_cli_own_text(tmp_path):
     assert r.returncode == 0 and json.loads((tmp_path / "mine" / "meta.json").read_text())["tokenizer"] == "byte"
 
 
+def test_prepare_cli_hint_pastes_and_empty_input_refused(tmp_path):
+    (tmp_path / "my notes.txt").write_text("def f(x):\n    return x\n" * 20)
+    r = run("data/prepare.py", "--input", str(tmp_path / "my notes.txt"), "--name", str(tmp_path / "my notes"))
+    assert r.returncode == 0, r.stderr
+    hint = r.stdout.splitlines()[-1].removeprefix("train on it with: ")
+    assert shlex.split(hint)[2] == f"--data_dir={os.path.relpath(tmp_path / 'my notes', ROOT)}"  # one argument
+    (tmp_path / "empty.txt").write_text("")
+    r = run("data/prepare.py", "--input", str(tmp_path / "empty.txt"), "--name", str(tmp_path / "empty"))
+    assert r.returncode == 1 and r.stderr == (f"prepare.py: error: {tmp_path / 'empty.txt'} is empty: give a file "
+                                              "with the text to train on\n")
+    assert not (tmp_path / "empty").exists()
+
+
 def test_tokenizers_round_trip_and_merge_runs_of_spaces():
     code, byte = get_tokenizer("code"), get_tokenizer("byte")
     assert (code.n_vocab, code.eot_token, byte.n_vocab, byte.eot_token) == (261, 260, 257, 256)
@@ -200,11 +220,24 @@ def test_prepare_cli_ctrl_c_leaves_nothing(tmp_path):
 # --- train.py
 
 
+def python_like_text(n=700):
+    """A fixed text the tests own, Python of a simple kind (a file of the project would move every loss with
+    each edit of a comment)."""
+    rng = random.Random(0)
+    names, ops = ["x", "y", "total", "count", "value", "item", "name", "size", "step"], "+-*"
+    defs = []
+    for i in range(n):
+        a, b = rng.sample(names, 2)
+        defs.append(f"def {a}_{i % 41}({a}, {b}):\n    return {a} {rng.choice(ops)} {b}\n\n")
+    return "".join(defs)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny TiDAR run of 40 steps on tidar.py's own source: (data_dir, out_dir, stdout)."""
+    """A tiny TiDAR run of 40 steps on python_like_text(): (data_dir, out_dir, stdout)."""
     tmp = tmp_path_factory.mktemp("trained")
-    prepare_file(os.path.join(ROOT, "tidar.py"), tmp / "data")
+    (tmp / "text.py").write_text(python_like_text())
+    prepare_file(tmp / "text.py", tmp / "data")
     r = train(f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'out'}", "--max_iters=40", "--eval_interval=20", *TINY)
     assert r.returncode == 0, r.stderr
     return tmp / "data", tmp / "out", r.stdout
@@ -252,7 +285,7 @@ def test_ar_baseline_trains_on_the_same_data(trained, tmp_path):
               "--eval_interval=20", *TINY)
     assert r.returncode == 0, r.stderr
     ev = evals(r.stdout)
-    assert ev[-1][2] < ev[0][2] - 0.5  # the AR loss goes down (the data is tidar.py's text: it moves with edits)
+    assert ev[-1][2] < ev[0][2] - 1.0  # the AR loss goes down
     assert re.search(r"iter 10: loss ([\d.]+) \(ar \1\), lr", r.stdout)  # and the loss is the AR term alone
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["train_config"]["objective"] == "ar"
 
@@ -267,18 +300,24 @@ def test_torchrun_two_processes_with_gloo(trained, tmp_path):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 4
 
 
-def test_missing_default_dataset_is_prepared(tmp_path):
-    # the real default, this machine's Python sources (about 6 s): what `python train.py` does the first time
-    r = train(f"--data_dir={tmp_path / 'pycode'}", f"--out_dir={tmp_path / 'out'}", *TINY, "--max_iters=1",
-              "--eval_iters=1")
+def test_missing_default_dataset_is_prepared_beside_train_py(tmp_path):
+    # The real default, this machine's Python sources (about 6 s): what `python train.py` does the first time,
+    # here from another folder. The dataset goes beside train.py (a copy of the project), not where it started.
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns("tests", "out*", "pycode", ".git", "__pycache__"))
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, str(project / "train.py"), *TINY, "--max_iters=1", "--eval_iters=1"],
+                       cwd=elsewhere, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "preparing the default dataset" in r.stdout
-    meta = json.loads((tmp_path / "pycode" / "meta.json").read_text())
-    assert meta["versions"] == dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
-                                    tiktoken=importlib.metadata.version("tiktoken"))
+    assert os.listdir(elsewhere) == ["out"]  # the checkpoint where it was started, the dataset beside train.py
+    meta = json.loads((project / "data" / "pycode" / "meta.json").read_text())
+    assert meta["versions"] == {name: importlib.metadata.version(name) for name in ("torch", "numpy", "tiktoken")} | \
+        dict(python=platform.python_version())  # as pip names them: 2.14.1, where torch.__version__ is 2.14.1+cu130
     assert meta["files"]["stdlib"] > 500 and meta["files"]["torch"] > 500 and meta["files"]["numpy"] > 100
     assert meta["n_files"] == sum(meta["files"].values())
-    assert os.path.getsize(tmp_path / "pycode" / "train.bin") == 2 * meta["train_tokens"] > 10 * meta["val_tokens"]
+    size = os.path.getsize(project / "data" / "pycode" / "train.bin")
+    assert size == 2 * meta["train_tokens"] > 10 * meta["val_tokens"]
 
 
 def test_cpu_preset_instead_of_the_gpu_defaults(trained, tmp_path):
@@ -329,10 +368,42 @@ def test_help_lists_the_settings_and_the_gpu_defaults():
         assert "with no GPU, a fresh run takes instead" in r.stdout
 
 
-def test_resume_is_exact(trained, tmp_path):
-    """Interrupted after its checkpoint at iter 8 and resumed, a run ends bit for bit where it would have ended."""
+@pytest.fixture(scope="module")
+def ar_run(trained, tmp_path_factory):
+    """The AR baseline on the same data, 40 steps: its out_dir and stdout."""
+    data_dir, _, _ = trained
+    out_dir = tmp_path_factory.mktemp("ar") / "out"
+    r = train(f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--objective=ar", "--max_iters=40",
+              "--eval_interval=20", *TINY)
+    assert r.returncode == 0, r.stderr
+    return out_dir, r.stdout
+
+
+def test_continual_pretraining_starts_from_the_ar_weights(trained, ar_run, tmp_path):
+    """The paper's recipe: TiDAR from an AR model's weights. Its first evaluation is the AR run's last one (the same
+    weights, the same val batches); then the diffusion loss falls, from a fresh optimizer and schedule."""
+    (data_dir, _, _), (ar_dir, ar_stdout) = trained, ar_run
+    r = train(f"--data_dir={data_dir}", f"--out_dir={tmp_path}", f"--init_from={ar_dir}", "--max_iters=40",
+              "--eval_interval=20", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert f"starting from the weights of {ar_dir / 'ckpt.pt'} (an AR run at iter 40), with a fresh optimizer and " \
+           "schedule; an AR model never trained its [MASK] embedding" in r.stdout
+    assert "tidar model:" in r.stdout and "from iter 0" in r.stdout
+    ev, ar_ev = evals(r.stdout), evals(ar_stdout)
+    assert ev[0][0] == 0 and ev[0][2:] == ar_ev[-1][2:]  # the AR run's weights exactly, [MASK] row included
+    assert ev[-1][3] < ev[0][3] - 1.0  # the diffusion loss falls
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["started_from"] == dict(checkpoint=str(ar_dir / "ckpt.pt"), objective="ar", iter_num=40)
+    assert ckpt["train_config"]["init_from"] == str(ar_dir) and ckpt["optimizer"]["state"][0]["step"] == 40
+
+
+@pytest.mark.parametrize("start", ["scratch", "from AR"])
+def test_resume_is_exact(trained, ar_run, tmp_path, start):
+    """Interrupted after its checkpoint at iter 8 and resumed, a run ends bit for bit where it would have ended,
+    whether it started from scratch or from an AR model's weights."""
     data_dir, _, _ = trained
     args = [f"--data_dir={data_dir}", *TINY, "--max_iters=12", "--eval_interval=4", "--grad_accum=2"]
+    args += [f"--init_from={ar_run[0]}"] if start == "from AR" else []
     with ThreadPoolExecutor(2) as pool:
         whole = pool.submit(train, *args, f"--out_dir={tmp_path / 'whole'}")
         cut = pool.submit(run_after, fail_call("torch.optim.AdamW.step", 10, CTRL_C), "train.py", *args,
@@ -351,6 +422,61 @@ def test_resume_is_exact(trained, tmp_path):
     assert len(eval_lines(whole.stdout)) == 2 and eval_lines(resumed.stdout) == eval_lines(whole.stdout)
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "cut"))
     assert a["iter_num"] == b["iter_num"] == 12 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["started_from"] == b["started_from"] == (None if start == "scratch" else
+                                                       dict(checkpoint=str(ar_run[0] / "ckpt.pt"), objective="ar",
+                                                            iter_num=40))
+
+
+def test_one_writer_per_out_dir(trained, tmp_path):
+    """A second train.py into a folder that is being trained refuses with one line, and the first one ends well. A
+    run killed outright (no exit handler runs) leaves its lock file behind but no lock: the next run goes ahead."""
+    data_dir, _, _ = trained
+    args = [f"--data_dir={data_dir}", *TINY, "--max_iters=4", "--eval_interval=4"]
+    started, go = tmp_path / "started", tmp_path / "go"
+    hold = f"""
+import os, time, torch
+real, calls = torch.optim.AdamW.step, [0]
+def step(*args, **kwargs):  # the second step waits until the test says go
+    calls[0] += 1
+    if calls[0] == 2:
+        open({str(started)!r}, "w").close()
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.05)
+    return real(*args, **kwargs)
+torch.optim.AdamW.step = step
+"""
+    first = subprocess.Popen([sys.executable, *after(hold, "train.py", *args, f"--out_dir={tmp_path / 'out'}")],
+                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            if started.exists() or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert started.exists(), first.communicate()[1]
+        for again in ([], ["--overwrite=True"]):  # (no checkpoint yet: a fresh run gets as far as the lock)
+            second = train(*args, f"--out_dir={tmp_path / 'out'}", *again)
+            assert second.returncode == 1 and second.stderr == (
+                f"train.py: error: another train.py (pid {first.pid}) is training into --out_dir={tmp_path / 'out'}: "
+                "wait for it to end, or pick another --out_dir\n")
+    finally:
+        go.touch()
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert os.listdir(tmp_path / "out") == ["ckpt.pt"]  # the lock file went with the run
+
+    kill = "import os, signal, torch\ntorch.optim.AdamW.step = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)"
+    killed = run_after(kill, "train.py", *args, f"--out_dir={tmp_path / 'killed'}")
+    assert killed.returncode == -signal.SIGKILL and os.listdir(tmp_path / "killed") == ["train.lock"]
+    after_kill = train(*args, f"--out_dir={tmp_path / 'killed'}")
+    assert after_kill.returncode == 0, after_kill.stderr
+    assert os.listdir(tmp_path / "killed") == ["ckpt.pt"]
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    r = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} train.py --help | true"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.stderr == ""  # no BrokenPipeError traceback
 
 
 def test_overwrite_true_replaces_the_checkpoint(trained, tmp_path):
@@ -404,6 +530,19 @@ BAD_INPUTS = [  # (case, settings, message, exit status)
      "interrupted at iter 44; the last checkpoint is {tmp}/out/ckpt.pt (iter 40)", 130),
     ("Ctrl-C while saving", ["--init_from=resume", "--max_iters=44", "--eval_interval=4"],
      "interrupted at iter 44; the last checkpoint is {tmp}/out/ckpt.pt (iter 40)", 130),
+    ("a dataset too small", ["--data_dir={tmp}/small", "--out_dir={tmp}/new"],
+     "{tmp}/small/train.bin holds 1 tokens, fewer than seq_len + 1 = 33: prepare the dataset from more text", 1),
+    ("init_from: no checkpoint", ["--init_from={tmp}/nowhere", "--out_dir={tmp}/new"],
+     "--init_from={tmp}/nowhere: there is no checkpoint {tmp}/nowhere/ckpt.pt; pass 'scratch', 'resume' or the "
+     "--out_dir of a train.py run", 2),
+    ("init_from: damaged checkpoint", ["--init_from={tmp}/junk", "--out_dir={tmp}/new"],
+     "cannot read checkpoint {tmp}/junk/ckpt.pt (UnpicklingError): it is damaged or not from train.py; pass the "
+     "--out_dir of another train.py run", 1),
+    ("init_from: another shape", ["--init_from={tmp}/out", "--out_dir={tmp}/new", "--n_layer=2"],
+     "checkpoint {tmp}/out/ckpt.pt is incompatible with this run: n_layer=1 in the checkpoint but 2 now; train with "
+     "its n_layer, n_head and n_embd, on a dataset of its tokenizer", 1),
+    ("init_from: another tokenizer", ["--init_from={tmp}/out", "--out_dir={tmp}/new", "--data_dir={tmp}/bytes"],
+     "tokenizer='code' in the checkpoint but 'byte' now", 1),
     ("Ctrl-C while preparing data", ["--data_dir={tmp}/pycode", "--out_dir={tmp}/new"],
      "interrupted while preparing {tmp}/pycode (nothing of it was kept; the next run prepares it again); "
      "no checkpoint was written", 130),
@@ -415,6 +554,12 @@ SETUP = {  # what the case breaks in its folder first
     "damaged meta.json": lambda tmp: (tmp / "data" / "meta.json").write_text('{"vocab_size": 257, "eot'),
     "unreadable checkpoint": lambda tmp: (tmp / "out" / "ckpt.pt").write_bytes(b"not a checkpoint"),
     "foreign checkpoint": lambda tmp: torch.save({"state_dict": {}}, tmp / "out" / "ckpt.pt"),
+    "a dataset too small": lambda tmp: (tmp / "small.txt").write_text("x") and prepare_file(tmp / "small.txt",
+                                                                                             tmp / "small"),
+    "init_from: damaged checkpoint": lambda tmp: (tmp / "junk").mkdir() or (tmp / "junk" / "ckpt.pt").write_bytes(
+        bytes(range(256)) * 4),
+    "init_from: another tokenizer": lambda tmp: (tmp / "bytes.txt").write_text(python_like_text()) and prepare_file(
+        tmp / "bytes.txt", tmp / "bytes", tokenizer="byte"),
 }
 READ_ONLY = """
 import builtins
