@@ -1,33 +1,54 @@
 """
 The paper in miniature (README, "The paper in miniature"): TiDAR's ablations at a size one GPU or a laptop
-can run, each table printed beside the paper's numbers. Greedy, batch 1, held-out prompts of the val split.
+can run, each table printed beside the paper's numbers. Greedy, batch 1, held-out prompts (as bench.py's).
   1. the decoding rule: this project's lossless rule against the authors' released one (slot 0 of each
      block committed unverified), at beta = 1, 0.5 and 0; what trusting the drafts costs in quality
   2. the block length B of training against the draft length k of decoding (the paper's Figure 5 / Table 4)
   3. TiDAR against classic speculative decoding with a small separate drafter (the paper's Figure 4)
+  4. how a TiDAR model is made: from scratch, or from an AR model's weights as the paper makes all of its
+     models (continual pretraining), with other alphas: val losses, draft accuracy, drafts
+     accepted, speed
 
     python ablations.py --out_dir=out --block_dirs=out-b4,out,out-b16 --drafter_dir=out-drafter
+    python ablations.py --tables=4 --recipe_dirs=out-scratch,out,out-a03 --ar_dir=out-ar
 The README's section trains the models it needs with train.py.
 """
 import argparse
+import os
+import sys
 
-import torch
-import torch.nn.functional as F
+from configurator import fail, quiet_exits
 
-from bench import check_fits, val_prompts
-from sample import fail, generate_ar, generate_speculative, generate_tidar, load_checkpoint, timed
-from tidar import causal_mask, pick_device
+if __name__ == "__main__":
+    sys.excepthook = quiet_exits()  # Ctrl-C, from here on, is one line; so is a closed pipe (`... | head`)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench import check_fits, held_out_prompts, integers  # noqa: E402
+from data.prepare import DATA_DIR  # noqa: E402
+from sample import generate_ar, generate_speculative, generate_tidar, load_checkpoint, timed  # noqa: E402
+from tidar import causal_mask, evaluate_batch, pick_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+parser.add_argument("--tables", default="1,2,3,4", help="comma-separated: which tables to print (2, 3 and 4 need "
+                    "the checkpoints named below)")
 parser.add_argument("--out_dir", default="out", help="the TiDAR checkpoint of tables 1 and 3")
 parser.add_argument("--block_dirs", default="", help="comma-separated TiDAR checkpoints trained with different B")
 parser.add_argument("--drafter_dir", default="", help="a small AR checkpoint (--objective=ar) on the same data")
-parser.add_argument("--data_dir", default="data/pycode", help="folder with val.bin, for the prompts")
-parser.add_argument("--draft_lens", default="4,8,16", help="k for table 2")
+parser.add_argument("--recipe_dirs", default="", help="comma-separated TiDAR checkpoints made different ways "
+                    "(table 4): from scratch, from an AR model (train.py --init_from), other settings")
+parser.add_argument("--ar_dir", default="", help="the AR baseline whose val AR loss table 4 prints beside them")
+parser.add_argument("--prompts", default="val", help="'val' (the val split of --data_dir), a text file, or a folder "
+                    "of .py files, as in bench.py")
+parser.add_argument("--data_dir", default=os.path.join(DATA_DIR, "pycode"), help="the dataset: val prompts, and "
+                    "table 4's val windows (default: data/pycode beside ablations.py)")
+parser.add_argument("--draft_lens", default="4,8,16", help="k for tables 2 and 4")
 parser.add_argument("--speculative_lens", default="2,4,8", help="drafter proposals per step for table 3")
-parser.add_argument("--num_prompts", type=int, default=8)
+parser.add_argument("--num_prompts", type=int, default=16)
 parser.add_argument("--prompt_len", type=int, default=64)
 parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 256, or what every context leaves")
+parser.add_argument("--val_windows", type=int, default=64, help="val windows of S tokens for table 4's losses")
 parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
 
 
@@ -113,35 +134,96 @@ def table_speculative(model, drafter, speculative_lens, prompts, max_new_tokens,
           "TiDAR 1.5B 7.45, 8B 8.25")
 
 
+def recipe(out_dir):
+    """How the checkpoint in out_dir was trained, in a few words, from what train.py records in it."""
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    config, start, name = ckpt["train_config"], ckpt.get("started_from"), {"tidar": "TiDAR", "ar": "AR"}
+    steps = f"{name[config['objective']]} {ckpt['iter_num']}"
+    return (f"{name[start['objective']]} {start['iter_num']} + " if start else "") + steps, config
+
+
+def table_recipes(recipe_dirs, ar_dir, models, draft_lens, prompts, max_new_tokens, data_dir, n_windows, device):
+    print(f"\n4. how the model is made: val losses on {n_windows} val windows; tokens per forward and speed against AR "
+          "(the same model) on the prompts")
+    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    print(f"{'checkpoint':>16} {'steps':>17} {'alpha':>5} {'B':>3} {'lr':>7} {'val AR':>7} {'diff':>6}"
+          + "".join(f" {'k=' + str(k):>12}" for k in draft_lens))
+    accuracy = {}
+    for out_dir in recipe_dirs + ([ar_dir] if ar_dir else []):
+        model, name = models[out_dir], os.path.basename(os.path.normpath(out_dir))
+        steps, config = recipe(out_dir)
+        S = model.config.seq_len
+        starts = np.linspace(0, len(val) - S - 1, n_windows).astype(np.int64)
+        windows = torch.from_numpy(np.stack([val[i : i + S + 1] for i in starts]).astype(np.int64)).to(device)
+        ar = diff = 0.0
+        hits = torch.zeros(model.config.block_len)
+        for x in windows.split(8):
+            a, d, h = evaluate_batch(model, model.config, x[:, :-1], x[:, 1:])
+            ar, diff, hits = ar + a * len(x), diff + d * len(x), hits + h * len(x)
+        cells = ""
+        if out_dir != ar_dir:
+            accuracy[name] = " ".join(f"{100 * a:.0f}" for a in (hits / n_windows).tolist())
+            n, f, s, ar_out, _ = measure(lambda p: (generate_ar(model, p, max_new_tokens), None), prompts, device)
+            for k in draft_lens:
+                n_k, f_k, s_k, outs, _ = measure(lambda p: generate_tidar(model, p, max_new_tokens, k), prompts, device)
+                cells += f" {n_k / f_k:5.2f} {(n_k / s_k) / (n / s):5.2f}x" + ("" if outs == ar_out else "!")
+        diff = f"{diff / n_windows:6.3f}" if out_dir != ar_dir else "-"
+        print(f"{name:>16} {steps:>17} {config['alpha']:5.2g} {model.config.block_len:3d} {config['lr']:7.1e} "
+              f"{ar / n_windows:7.3f} {diff:>6}{cells}")
+    print("(per k: tokens per forward, then tokens/s against AR; '!' marks outputs that differ from AR's)")
+    for name, acc in accuracy.items():
+        print(f"draft accuracy % by offset, {name}: {acc}")
+    print("paper: TiDAR 1.5B and 8B are continual pretraining of Qwen2.5 1.5B and Qwen3 8B, never trained from scratch")
+
+
 def main(args):
     try:
         args.device = pick_device(args.device)
-        draft_lens = [int(k) for k in args.draft_lens.split(",")]
-        speculative_lens = [int(k) for k in args.speculative_lens.split(",")]
     except ValueError as e:
-        fail(str(e) if "--device" in str(e) else "--draft_lens and --speculative_lens take comma-separated integers")
-    model, _ = load_checkpoint(args.out_dir, args.device)
-    block_models = [load_checkpoint(d, args.device)[0] for d in args.block_dirs.split(",") if d]
-    drafter = load_checkpoint(args.drafter_dir, args.device)[0] if args.drafter_dir else None
-    room = 2 * max(draft_lens + [m.config.block_len for m in [model] + block_models])
-    seq_len = min(m.config.seq_len for m in [model] + block_models + [drafter] if m is not None)
-    args.max_new_tokens = args.max_new_tokens or max(1, min(256, seq_len - args.prompt_len - room))
-    for m in [model] + block_models:
+        fail(str(e), 2)
+    tables = set(integers(args.tables, "tables"))
+    draft_lens = integers(args.draft_lens, "draft_lens")
+    speculative_lens = integers(args.speculative_lens, "speculative_lens")
+    for name in ("num_prompts", "prompt_len", "max_new_tokens", "val_windows"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name}={getattr(args, name)}: must be at least 1", 2)
+    block_dirs, recipe_dirs = ([d for d in dirs.split(",") if d] for dirs in (args.block_dirs, args.recipe_dirs))
+    # the TiDAR models each table decodes: 1 and 3 the one in out_dir, 2 those of block_dirs, 4 those of recipe_dirs
+    decoded = [args.out_dir] * bool(tables & {1, 3}) + block_dirs * (2 in tables) + recipe_dirs * (4 in tables)
+    models, enc = {}, None
+    for d in decoded + [args.drafter_dir] * (3 in tables) + [args.ar_dir] * (4 in tables and bool(recipe_dirs)):
+        if d and d not in models:
+            models[d], enc = load_checkpoint(d, args.device)
+    if not decoded:
+        fail(f"--tables={args.tables}: nothing to compare; tables 2 and 4 need --block_dirs and --recipe_dirs", 2)
+    tidar_models = [models[d] for d in decoded]
+    drafter = models.get(args.drafter_dir) if 3 in tables and args.drafter_dir else None
+    room = 2 * max(draft_lens + [m.config.block_len for m in tidar_models])
+    seq_len = min(m.config.seq_len for m in tidar_models + [drafter] if m is not None)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = max(1, min(256, seq_len - args.prompt_len - room))
+    for m in tidar_models:
         check_fits(m.config, args.prompt_len, args.max_new_tokens, 2 * max(draft_lens + [m.config.block_len]))
     if drafter is not None:
-        for m in (model, drafter):  # speculative decoding reaches k + 1 positions past the last token
+        for m in (models[args.out_dir], drafter):  # speculative decoding reaches k + 1 positions past the last token
             check_fits(m.config, args.prompt_len, args.max_new_tokens, max(speculative_lens) + 1)
-        if drafter.config.vocab_size != model.config.vocab_size:
+        if drafter.config.vocab_size != models[args.out_dir].config.vocab_size:
             fail(f"the drafter in {args.drafter_dir} has another vocabulary: train it on {args.out_dir}'s data")
-    prompts = val_prompts(args.data_dir, args.num_prompts, args.prompt_len, model.config)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    print(f"device: {name}, torch {torch.__version__}; {len(prompts)} prompts of {args.prompt_len} tokens, "
-          f"up to {args.max_new_tokens} new tokens; eager on the CPU, steps replayed from CUDA graphs on CUDA")
-    table_rules(model, prompts, args.max_new_tokens, args.device)
-    if block_models:
-        table_blocks(block_models, draft_lens, prompts, args.max_new_tokens, args.device)
+    prompts = held_out_prompts(args, args.num_prompts, enc)
+    cpu = f"{args.device} (threads: {torch.get_num_threads()})"
+    where = args.data_dir + "'s val split" if args.prompts == "val" else args.prompts
+    print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else cpu}, torch {torch.__version__}; "
+          f"{len(prompts)} prompts of {args.prompt_len} tokens from {where}, up to {args.max_new_tokens} new tokens; "
+          "eager on the CPU, steps replayed from CUDA graphs on CUDA")
+    if 1 in tables:
+        table_rules(models[args.out_dir], prompts, args.max_new_tokens, args.device)
+    if 2 in tables and block_dirs:
+        table_blocks([models[d] for d in block_dirs], draft_lens, prompts, args.max_new_tokens, args.device)
     if drafter is not None:
-        table_speculative(model, drafter, speculative_lens, prompts, args.max_new_tokens, args.device)
+        table_speculative(models[args.out_dir], drafter, speculative_lens, prompts, args.max_new_tokens, args.device)
+    if 4 in tables and recipe_dirs:
+        table_recipes(recipe_dirs, args.ar_dir, models, draft_lens, prompts, args.max_new_tokens, args.data_dir,
+                      args.val_windows, args.device)
 
 
 if __name__ == "__main__":

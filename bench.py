@@ -1,35 +1,52 @@
 """
 Measures what the README's results section reports, in one run on one device:
   1. decoding at batch 1: AR and TiDAR tokens/s, tokens per forward and their ratio, greedy, on held-out
-     prompts from the val split, for several draft lengths; eager (Python launches every kernel) and, on
-     CUDA, replayed from CUDA graphs; in each dtype; and whether TiDAR's outputs were identical to AR's
+     prompts, for several draft lengths; eager (Python launches every kernel) and, on CUDA, replayed from
+     CUDA graphs; in each dtype; and whether TiDAR's outputs were identical to AR's
   2. batches: total tokens/s of AR and TiDAR for batches of 1, 2, 4, ... prompts decoded together, and
      up to which batch TiDAR beats AR
   3. free token slots (the paper's Figure 1 for this model): forward latency against the number of query
      tokens, with a KV cache of up to 256 tokens; where k + k*k falls
+     (2 and 3 on CUDA replay every step from CUDA graphs: AR and TiDAR each at its fastest)
   4. training: ms/iter of the TiDAR objective against the AR objective, same context and batch
+  5. on CUDA, what keeping the recorded graphs across generations saves: a generation that records its
+     step against one that replays a kept graph
 
-    python bench.py                       # the checkpoint in out/, prompts from data/pycode/val.bin
-    python bench.py --num_prompts=16      # the README's GPU results
+    python bench.py                       # the checkpoint in out/, prompts from the val split of data/pycode
+    python bench.py --prompts=FOLDER      # prompts from the .py files in FOLDER, Python the model never saw
+    python bench.py --sections=1          # decoding at batch 1 only
 """
 import argparse
 import copy
+import json
 import os
+import sys
 from contextlib import nullcontext
 
-import numpy as np
-import torch
+from configurator import fail, quiet_exits
 
-from sample import GRAPHS, cuda_graph, fail, generate_ar, generate_tidar, load_checkpoint, timed
-from tidar import KVCache, causal_mask, pick_device, training_loss
+if __name__ == "__main__":
+    sys.excepthook = quiet_exits()  # Ctrl-C, from here on, is one line; so is a closed pipe (`... | head`)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from data.prepare import DATA_DIR  # noqa: E402
+from sample import GRAPHS, cuda_graph, generate_ar, generate_tidar, load_checkpoint, timed  # noqa: E402
+from tidar import KVCache, causal_mask, pick_device, training_loss  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 parser.add_argument("--out_dir", default="out", help="folder with ckpt.pt")
-parser.add_argument("--data_dir", default="data/pycode", help="folder with val.bin, for the prompts")
+parser.add_argument("--prompts", default="val", help="where the held-out prompts come from: 'val', the val split of "
+                    "--data_dir; or a UTF-8 text file, or a folder and the .py files under it")
+parser.add_argument("--data_dir", default=os.path.join(DATA_DIR, "pycode"), help="the dataset of --prompts=val "
+                    "(default: data/pycode beside bench.py)")
 parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+parser.add_argument("--sections", default="1,2,3,4,5", help="comma-separated: which of the five to run")
+parser.add_argument("--eager", action="store_true", help="on CUDA, no CUDA graphs: if recording fails on your GPU")
 parser.add_argument("--draft_lens", default="4,8,16", help="comma-separated draft lengths k")
-parser.add_argument("--dtypes", default=None, help="comma-separated; default float32,bfloat16 on CUDA, else float32")
-parser.add_argument("--num_prompts", type=int, default=8, help="prompts decoded one at a time in section 1")
+parser.add_argument("--dtypes", default=None, help="comma-separated float32, bfloat16, float16; default "
+                    "float32,bfloat16 on CUDA, else float32")
+parser.add_argument("--num_prompts", type=int, default=16, help="prompts decoded one at a time in section 1")
 parser.add_argument("--batches", default=None, help="batch sizes of section 2; default 1,2,4,...,64 on CUDA, "
                     "1,2,4,8 elsewhere")
 parser.add_argument("--prompt_len", type=int, default=64)
@@ -116,8 +133,8 @@ def bench_query_sweep(models, cache_len, max_queries, draft_lens, repeats, devic
     config = model.config
     print(f"\n3. forward latency (ms) against query tokens, KV cache of {cache_len} tokens")
     tokens = torch.randint(0, config.vocab_size, (1, cache_len + max_queries), device=device)
-    marks = {k + k * k: k for k in draft_lens}
-    sizes = sorted({2**i for i in range(max_queries.bit_length()) if 2**i <= max_queries} | set(marks))
+    marks = {k + k * k: k for k in draft_lens if k + k * k <= max_queries}
+    sizes = sorted({2**i for i in range(max_queries.bit_length())} | set(marks))
     beyond = [T for T in sizes if cache_len + T > config.seq_len]
     sizes = [T for T in sizes if T not in beyond]
     ms = {}
@@ -173,19 +190,64 @@ def bench_training(model, batch, repeats, device):
           f"{ms['tidar'] / ms['ar']:.2f}x")
 
 
-def val_prompts(data_dir, n, prompt_len, config):
-    """n held-out prompts of prompt_len tokens, spread evenly over the val split (the same every run)."""
-    path = os.path.join(data_dir, "val.bin")
-    if not os.path.exists(path):
-        fail(f"no {path} to take prompts from: `python train.py` prepares the default dataset, or pass --data_dir")
-    val = np.memmap(path, dtype=np.uint16, mode="r")
-    if len(val) < prompt_len + 1:
-        fail(f"{path} holds {len(val)} tokens, too few for prompts of {prompt_len}: lower --prompt_len")
-    if val.max() >= config.vocab_size:
-        fail(f"{path} holds token ids up to {val.max()}, beyond the model's vocabulary of {config.vocab_size}: "
-             "it is not the dataset this checkpoint was trained on; pass its --data_dir")
-    starts = np.linspace(0, len(val) - prompt_len - 1, n).astype(np.int64)
-    return [val[s : s + prompt_len].astype(np.int64).tolist() for s in starts]
+def bench_graph_reuse(model, prompts, k, max_new_tokens, device, capture):
+    # A generation's first step runs eagerly and records its graph, unless an earlier generation with the same
+    # shapes left one to replay (sample.cuda_graph): what does keeping it save a generation of this length?
+    print(f"\n5. CUDA graphs kept across generations: one generation of up to {max_new_tokens} new tokens, batch 1, "
+          f"float32, median of {len(prompts)} prompts")
+    if not capture:
+        print("(not run: graphs are recorded only on CUDA, and not with --eager)")
+        return
+    for name, decode in (("AR", lambda p: generate_ar(model, p, max_new_tokens)),
+                         (f"TiDAR k={k}", lambda p: generate_tidar(model, p, max_new_tokens, k))):
+        ms = {"recorded": [], "kept": []}
+        for p in prompts:
+            GRAPHS.clear()
+            ms["recorded"].append(1e3 * timed(lambda: decode(p), device)[1])  # records its step
+            ms["kept"].append(1e3 * timed(lambda: decode(p), device)[1])  # replays the graph the call before kept
+        recorded, kept = (sorted(v)[len(v) // 2] for v in ms.values())
+        print(f"{name:>10}: {recorded:.1f} ms recording its step, {kept:.1f} ms replaying a kept graph: keeping "
+              f"graphs saves {100 * (1 - kept / recorded):.1f}% of a generation")
+    GRAPHS.clear()
+
+
+def held_out_prompts(args, n, enc):
+    """
+    n prompts of prompt_len tokens, spread evenly over held-out text (the same every run): the val split of
+    data_dir (--prompts=val), or a text file, or the .py files under a folder, in the order of their paths.
+    """
+    if args.prompts == "val":
+        meta_path = os.path.join(args.data_dir, "meta.json")
+        if not os.path.exists(meta_path):
+            fail(f"no dataset in {args.data_dir} (meta.json is missing) to take prompts from: `python train.py` "
+                 "prepares the default one; or pass --data_dir, or --prompts=FILE")
+        with open(meta_path) as f:
+            tokenizer = json.load(f).get("tokenizer")
+        if tokenizer != enc.name:  # the same ids would mean other text
+            fail(f"{args.data_dir} was made with tokenizer {tokenizer!r}, but the model in {args.out_dir} reads "
+                 f"{enc.name!r}: pass the --data_dir it was trained on")
+        path = os.path.join(args.data_dir, "val.bin")
+        if not os.path.exists(path):
+            fail(f"no {path}: the dataset in {args.data_dir} is incomplete; write it again with data/prepare.py")
+        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    else:
+        path = args.prompts
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(".py"))
+        if not files:
+            fail(f"--prompts={path}: no such file, nor a folder with .py files in it")
+        tokens = []
+        for name in files:
+            try:
+                with open(name, encoding="utf-8") as f:
+                    tokens += enc.encode_ordinary(f.read()) + [enc.eot_token]  # documents, as in a dataset
+            except (OSError, UnicodeDecodeError) as e:
+                fail(f"cannot read {name} ({type(e).__name__}): --prompts takes UTF-8 text")
+        tokens = np.array(tokens)
+    if len(tokens) < args.prompt_len + 1:
+        fail(f"{path} holds {len(tokens)} tokens, too few for prompts of {args.prompt_len}: lower --prompt_len")
+    starts = np.linspace(0, len(tokens) - args.prompt_len - 1, n).astype(np.int64)
+    return [tokens[s : s + args.prompt_len].astype(np.int64).tolist() for s in starts]
 
 
 def check_fits(config, prompt_len, max_new_tokens, room):
@@ -198,38 +260,62 @@ def check_fits(config, prompt_len, max_new_tokens, room):
              + (f"use --max_new_tokens={fits} or less" if fits > 0 else "shorten --prompt_len or the draft lengths"))
 
 
+def integers(text, name):
+    """A comma-separated list of integers >= 1, like --draft_lens=4,8,16; or one line that says what is wrong."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = [0]
+    if min(values) < 1:
+        fail(f"--{name}={text}: give comma-separated integers of at least 1, like --{name}=1,2,4", 2)
+    return values
+
+
 def main(args):
+    # Every setting is checked here, before anything runs: a mistake found after minutes of measuring loses them.
     try:
         args.device = pick_device(args.device)
     except ValueError as e:
-        fail(str(e))
+        fail(str(e), 2)
     cuda = args.device == "cuda"
-    model, _ = load_checkpoint(args.out_dir, args.device)
-    config = model.config
-    try:
-        draft_lens = [int(k) for k in args.draft_lens.split(",")]
-        batch_sizes = [int(b) for b in (args.batches or ("1,2,4,8,16,32,64" if cuda else "1,2,4,8")).split(",")]
-    except ValueError:
-        fail("--draft_lens and --batches take comma-separated integers, like --draft_lens=4,8,16")
+    sections, draft_lens = integers(args.sections, "sections"), integers(args.draft_lens, "draft_lens")
+    batch_sizes = integers(args.batches or ("1,2,4,8,16,32,64" if cuda else "1,2,4,8"), "batches")
     dtypes = (args.dtypes or ("float32,bfloat16" if cuda else "float32")).split(",")
-    if not all(isinstance(getattr(torch, d, None), torch.dtype) for d in dtypes):
-        fail(f"--dtypes={args.dtypes}: use torch dtype names, like --dtypes=float32,bfloat16")
-    if min(draft_lens) < 1 or min(batch_sizes) < 1 or args.num_prompts < 1 or args.prompt_len < 1:
-        fail("draft lengths, batch sizes, --num_prompts and --prompt_len must be at least 1")
+    if not set(dtypes) <= {"float32", "bfloat16", "float16"}:
+        fail(f"--dtypes={args.dtypes}: use float32, bfloat16 or float16, comma-separated", 2)
+    if not set(sections) <= {1, 2, 3, 4, 5}:
+        fail(f"--sections={args.sections}: the sections are 1 to 5", 2)
+    for name in ("num_prompts", "prompt_len", "max_queries", "train_batch", "repeats", "max_new_tokens", "cache_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name}={getattr(args, name)}: must be at least 1", 2)
+    model, enc = load_checkpoint(args.out_dir, args.device)
+    config = model.config
     room = 2 * max(draft_lens)  # the last step's blocks reach 2k - 1 positions past the last token
-    args.max_new_tokens = args.max_new_tokens or max(1, min(256, config.seq_len - args.prompt_len - room))
+    if args.max_new_tokens is None:
+        args.max_new_tokens = max(1, min(256, config.seq_len - args.prompt_len - room))
     args.cache_len = args.cache_len or min(256, config.seq_len // 2)
-    check_fits(config, args.prompt_len, args.max_new_tokens, 2 * max(draft_lens))
-    prompts = val_prompts(args.data_dir, max(args.num_prompts, max(batch_sizes)), args.prompt_len, config)
-    name = torch.cuda.get_device_name() if cuda else args.device
+    check_fits(config, args.prompt_len, args.max_new_tokens, room)
+    prompts = held_out_prompts(args, max(args.num_prompts, max(batch_sizes)), enc)
+    name = torch.cuda.get_device_name() if cuda else f"{args.device} (threads: {torch.get_num_threads()})"
     n_params = sum(p.numel() for p in model.parameters())
     print(f"device: {name}, torch {torch.__version__}, model: {n_params / 1e6:.2f}M parameters, {config}")
+    where = args.data_dir + "'s val split" if args.prompts == "val" else args.prompts
+    print(f"prompts: {args.prompt_len} tokens each, spread evenly over {where}")
     by_dtype = {d: model if d == "float32" else copy.deepcopy(model).to(getattr(torch, d)) for d in dtypes}
-    models = {(d, capture): m for d, m in by_dtype.items() for capture in ([False, True] if cuda else [False])}
-    bench_batch_one(models, prompts[: args.num_prompts], draft_lens, args.max_new_tokens, args.device)
-    bench_batches(models, prompts, batch_sizes, draft_lens, args.max_new_tokens, args.device)
-    bench_query_sweep(models, args.cache_len, args.max_queries, draft_lens, args.repeats, args.device)
-    bench_training(model, args.train_batch, args.repeats, args.device)
+    modes = [False, True] if cuda and not args.eager else [False]  # captured: replayed from CUDA graphs
+    models = {(d, capture): m for d, m in by_dtype.items() for capture in modes}
+    fastest = {key: m for key, m in models.items() if key[1] == modes[-1]}  # AR against TiDAR at their best
+    if 1 in sections:
+        bench_batch_one(models, prompts[: args.num_prompts], draft_lens, args.max_new_tokens, args.device)
+    if 2 in sections:
+        bench_batches(fastest, prompts, batch_sizes, draft_lens, args.max_new_tokens, args.device)
+    if 3 in sections:
+        bench_query_sweep(fastest, args.cache_len, args.max_queries, draft_lens, args.repeats, args.device)
+    if 4 in sections:
+        bench_training(model, args.train_batch, args.repeats, args.device)
+    if 5 in sections:
+        bench_graph_reuse(model, prompts[: args.num_prompts], max(draft_lens), args.max_new_tokens, args.device,
+                          modes[-1])
 
 
 if __name__ == "__main__":

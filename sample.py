@@ -1,5 +1,6 @@
 """
-TiDAR decoding: draft, verify, cache, roll back, with one forward per step (README, "Decoding: one forward per step").
+TiDAR decoding: draft, verify, cache, roll back, one forward per step (the paper's Figure 2; README, "Decoding:
+one forward per step")
 
     python sample.py --prompt "def fibonacci(n):"            # greedy, the checkpoint in out/
     python sample.py --prompt "def fibonacci(n):" --compare  # and plain AR beside it, same model
@@ -21,12 +22,16 @@ import re
 import sys
 import time
 
-import torch
-from torch.nn import functional as F
+from configurator import fail, quiet_exits
 
-from data.prepare import get_tokenizer
-from tidar import GPT, GPTConfig, KVCache, pick_device
-from tidar import causal_mask, decode_step_mask, decode_step_positions, place_step_mask, prefill_mask
+if __name__ == "__main__":
+    sys.excepthook = quiet_exits()  # Ctrl-C, from here on, is one line; so is a closed pipe (`... | head`)
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from data.prepare import get_tokenizer  # noqa: E402
+from tidar import GPT, GPTConfig, KVCache, pick_device  # noqa: E402
+from tidar import causal_mask, decode_step_mask, decode_step_positions, place_step_mask, prefill_mask  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The decoders
@@ -44,12 +49,12 @@ def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, 
     check_request(config, prompts, max_new_tokens, temperature, top_k)
     cache, last = new_cache(model, prompts, max_new_tokens, 1)
     draw = uniforms(len(prompts), 1, temperature, generator, cache.device)
-    logits, _ = prefill(model, prompts, 0, cache)  # (B, V): the AR output after each prompt's last token
-    d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (B,): decided, not yet in the cache
+    logits, _ = prefill(model, prompts, 0, cache)  # (N, V): the AR output after each prompt's last token
+    d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (N,): decided, not yet in the cache
 
     def step(u):  # d_0 goes into the cache; the output after it decides the next token
-        L = cache.length  # (B,)
-        logits = model(d0[:, None], L[:, None], causal_mask(1, L, cache.max_len, cache.device), cache)[:, 0]  # (B, V)
+        L = cache.length  # (N,)
+        logits = model(d0[:, None], L[:, None], causal_mask(1, L, cache.max_len, cache.device), cache)[:, 0]  # (N, V)
         y, _ = choose(logits, temperature, top_k, u[:, 0])
         cache.length.copy_(torch.minimum(L + 1, last))  # commit d_0 (a row never grows past `last`)
         d = d0.clone()
@@ -66,46 +71,47 @@ def generate_tidar(
     generator=None, capture=True,
 ):
     """
-    TiDAR decoding of one prompt or a batch, as generate_ar. Returns (new_token_ids, stats), a list of each
-    for a batch: stats["forwards"] counts forward passes (prefill included), stats["committed"] the tokens
-    each step committed (n + 1), stats["trace"] per step the tokens d_0 .. d_{k-1}, n and y (for --show).
+    TiDAR decoding (the paper's Figure 2) of one prompt or a batch, as generate_ar. Returns (new_token_ids,
+    stats), a list of each for a batch: stats["forwards"] counts forward passes (prefill included),
+    stats["committed"] the tokens each step committed (n + 1), stats["trace"] per step the tokens
+    d_0 .. d_{k-1}, n and y (for --show).
     rule="paper" is the authors' released rule (README, "The paper's own rule"): not lossless.
     """
     config = model.config
     k = draft_len if draft_len is not None else config.block_len
     prompts, one = as_batch(prompt_ids, config.eot_id)
     check_request(config, prompts, max_new_tokens, temperature, top_k, 2 * k, k, beta, rule)
-    B, T, paper = len(prompts), k + k * k, rule == "paper"
+    N, T, paper = len(prompts), k + k * k, rule == "paper"  # N rows (the batch), T queries per step
     cache, last = new_cache(model, prompts, max_new_tokens, T)
-    draw = uniforms(B, 2 * k, temperature, generator, cache.device)
-    rows, mask_ids = torch.arange(B, device=cache.device), torch.full((B, k * k), config.mask_id, device=cache.device)
+    draw = uniforms(N, 2 * k, temperature, generator, cache.device)
+    rows, mask_ids = torch.arange(N, device=cache.device), torch.full((N, k * k), config.mask_id, device=cache.device)
     own = decode_step_mask(0, k, device=cache.device)  # (T, T): a step's mask among its own tokens, the same every step
 
     # Prefill: each prompt (causal), then k masks at positions P .. P+k-1 that see the whole prompt and each
     # other. d_0 comes from the AR output at p_{P-1} (mixed with mask slot 0; under the paper's rule slot 0
     # alone, (choice) as at every later step); slots 1 .. k-1 are the drafts.
-    ar_last, slots = prefill(model, prompts, k, cache)  # (B, V), (B, k, V)
+    ar_last, slots = prefill(model, prompts, k, cache)  # (N, V), (N, k, V)
     u = draw()
-    d0, _ = choose(slots[:, 0] if paper else mix(ar_last, slots[:, 0], beta), temperature, top_k, u[:, 0])  # (B,)
-    drafts, q = choose(slots[:, 1:], temperature, top_k, u[:, 1:k])  # d_1 .. d_{k-1} (B, k-1), drawn from q (B, k-1, V)
+    d0, _ = choose(slots[:, 0] if paper else mix(ar_last, slots[:, 0], beta), temperature, top_k, u[:, 0])  # (N,)
+    drafts, q = choose(slots[:, 1:], temperature, top_k, u[:, 1:k])  # d_1 .. d_{k-1} (N, k-1), drawn from q (N, k-1, V)
 
-    def step(u):  # u (B, 2k): the step's uniforms
-        L = cache.length  # (B,)
+    def step(u):  # u (N, 2k): the step's uniforms
+        L = cache.length  # (N,)
         # 1. Draft and pre-draft in one forward: d_0 .. d_{k-1} at L .. L+k-1 (causal), then blocks 1 .. k;
         #    block b (positions L+b .. L+b+k-1) sees the cache and d_0 .. d_{b-1}: it is the pre-draft for
         #    "d_0 .. d_{b-1} accepted". All T tokens' K/V are written to the cache past its committed length.
-        d = torch.cat([d0[:, None], drafts], dim=1)  # (B, k)
-        # The paper's mask trick (README, "The KV cache"): own, built once, placed after each row's L cache slots.
+        d = torch.cat([d0[:, None], drafts], dim=1)  # (N, k)
+        # The paper's mask trick (README, "The KV cache"): own, built once, placed after each row's L cache entries.
         pos, mask = decode_step_positions(L, k, cache.device), place_step_mask(own, L, cache.max_len)
-        logits = model(torch.cat([d, mask_ids], dim=1), pos, mask, cache)  # (B, T, V)
-        ar, blocks = logits[:, :k], logits[:, k:].view(B, k, k, -1)  # ar[:, j]: after d_j; blocks[:, b-1]: block b
-        target = mix(ar, blocks[:, :, 0], beta)  # (B, k, V): row j for position L+j+1, where block j+1's slot 0 is too
+        logits = model(torch.cat([d, mask_ids], dim=1), pos, mask, cache)  # (N, T, V)
+        ar, blocks = logits[:, :k], logits[:, k:].view(N, k, k, -1)  # ar[:, j]: after d_j; blocks[:, b-1]: block b
+        target = mix(ar, blocks[:, :, 0], beta)  # (N, k, V): row j for position L+j+1, where block j+1's slot 0 is too
 
         # 2. Verify d_1 .. d_{k-1} in order against the AR output one position earlier; stop at the first
         #    rejection (the paper's rule: by argmax match).
         # 3. Decide y at L+n+1: the correction, or the bonus token when all were accepted.
-        n, y = verify(probabilities(target, 0.0 if paper else temperature, top_k), q, drafts, u[:, :k])  # (B,) each
-        chosen = blocks[rows, n]  # (B, k, V): block n+1, whose context is exactly the tokens now committed
+        n, y = verify(probabilities(target, 0.0 if paper else temperature, top_k), q, drafts, u[:, :k])  # (N,) each
+        chosen = blocks[rows, n]  # (N, k, V): block n+1, whose context is exactly the tokens now committed
         if paper:  # the authors' rule: drafts pass by argmax match, and y is slot 0 of block n+1, unverified
             y, _ = choose(chosen[:, 0], temperature, top_k, u[:, -1])
 
@@ -143,33 +149,33 @@ def generate_speculative(
     prompts, one = as_batch(prompt_ids, config.eot_id)
     for model in (target, drafter):
         check_request(model.config, prompts, max_new_tokens, temperature, top_k, k + 1, k)
-    B = len(prompts)
+    N = len(prompts)
     cache, last = new_cache(target, prompts, max_new_tokens, k + 1)
     small, _ = new_cache(drafter, prompts, max_new_tokens, k + 1)  # the drafter's own cache
-    draw = uniforms(B, 2 * k + 1, temperature, generator, cache.device)
-    rows, offsets = torch.arange(B, device=cache.device), torch.arange(k + 1, device=cache.device)
-    logits, _ = prefill(target, prompts, 0, cache)  # (B, V)
+    draw = uniforms(N, 2 * k + 1, temperature, generator, cache.device)
+    rows, offsets = torch.arange(N, device=cache.device), torch.arange(k + 1, device=cache.device)
+    logits, _ = prefill(target, prompts, 0, cache)  # (N, V)
     prefill(drafter, prompts, 0, small)
-    d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (B,)
-    c = torch.tensor([p[-1] for p in prompts], device=cache.device)  # (B,): the last committed token
+    d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (N,)
+    c = torch.tensor([p[-1] for p in prompts], device=cache.device)  # (N,): the last committed token
 
-    def step(u):  # u (B, 2k+1): the step's uniforms
-        L = cache.length  # (B,)
+    def step(u):  # u (N, 2k+1): the step's uniforms
+        L = cache.length  # (N,)
         # 1. Draft: the drafter reads the last committed token again (its cache is rolled back to just before
         #    it, which is all the bookkeeping it needs) and d_0, then proposes d_1 .. d_k, one forward each.
         small.length.copy_(L - 1)
-        tokens, drafts, qs = torch.stack([c, d0], dim=1), [], []  # (B, 2)
+        tokens, drafts, qs = torch.stack([c, d0], dim=1), [], []  # (N, 2)
         for j in range(k):
             Ls, t = small.length, tokens.size(1)
             logits = drafter(tokens, Ls[:, None] + offsets[:t], causal_mask(t, Ls, small.max_len, cache.device), small)
             small.length.copy_(Ls + t)
-            token, q = choose(logits[:, -1], temperature, top_k, u[:, k + 1 + j])  # (B,), (B, V)
+            token, q = choose(logits[:, -1], temperature, top_k, u[:, k + 1 + j])  # (N,), (N, V)
             tokens = token[:, None]
             drafts.append(token)
             qs.append(q)
-        drafts, q = torch.stack(drafts, dim=1), torch.stack(qs, dim=1)  # (B, k), (B, k, V)
+        drafts, q = torch.stack(drafts, dim=1), torch.stack(qs, dim=1)  # (N, k), (N, k, V)
         #    The target reads d_0 .. d_k in one causal forward: its output after d_j is for position L+j+1.
-        d = torch.cat([d0[:, None], drafts], dim=1)  # (B, k+1)
+        d = torch.cat([d0[:, None], drafts], dim=1)  # (N, k+1)
         logits = target(d, L[:, None] + offsets, causal_mask(k + 1, L, cache.max_len, cache.device), cache)
 
         # 2. Verify d_1 .. d_k and 3. decide y, exactly as TiDAR does.
@@ -195,20 +201,20 @@ def generate_speculative(
 
 def verify(p, q, drafts, u):
     """
-    Steps 2 and 3, for every row at once. p (B, K+1, V): row j is the target distribution of the position
-    after d_j. drafts (B, K) = d_1 .. d_K, drawn from q (B, K, V); u (B, K+1) uniforms in [0, 1).
+    Steps 2 and 3, for every row at once. p (N, D+1, V): row j is the target distribution of the position
+    after d_j. drafts (N, D) = d_1 .. d_D, drawn from q (N, D, V); u (N, D+1) uniforms in [0, 1).
     d_j is accepted when u < min(1, p/q), and n is the length of the leading run of acceptances; y, at the
     position after d_n, is drawn from normalize(max(0, p - q)) after a rejection, or from p itself when all
-    were accepted (the bonus token: there is no q there, the same formula with q = 0). Returns (n, y), (B,) each.
+    were accepted (the bonus token: there is no q there, the same formula with q = 0). Returns (n, y), (N,) each.
     (choice) This is standard speculative sampling, which the paper cites but does not spell out: the
     output is then distributed exactly as AR sampling from the same model.
     """
-    K = drafts.size(1)
-    accepted = u[:, :K] < accept_probability(p[:, :K], q, drafts)  # (B, K)
-    n = accepted.long().cumprod(dim=1).sum(dim=1)  # (B,)
+    D = drafts.size(1)  # k - 1 for TiDAR, k for speculative decoding
+    accepted = u[:, :D] < accept_probability(p[:, :D], q, drafts)  # (N, D)
+    n = accepted.long().cumprod(dim=1).sum(dim=1)  # (N,)
     rows = torch.arange(p.size(0), device=p.device)
-    q = F.pad(q, (0, 0, 0, 1))  # (B, K+1, V): a zero row after the last draft, for the bonus
-    return n, sample_from(residual(p[rows, n], q[rows, n]), u[:, K])
+    q = F.pad(q, (0, 0, 0, 1))  # (N, D+1, V): a zero row after the last draft, for the bonus
+    return n, sample_from(residual(p[rows, n], q[rows, n]), u[:, D])
 
 
 def accept_probability(p, q, tokens):
@@ -228,7 +234,8 @@ def probabilities(logits, temperature, top_k):
     """The distribution to draw from, (..., V): softmax(logits / temperature) over the top_k; one-hot when greedy."""
     if temperature == 0:
         return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # <= 0: no overflow, even for a tiny T
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -274,26 +281,30 @@ def check_request(config, prompts, max_new_tokens, temperature, top_k, room=0, k
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not temperature >= 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
+    if 0 < temperature < torch.finfo(torch.float32).tiny:
+        raise ValueError(f"temperature {temperature} is too small to divide by in float32: use 0 for greedy")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1 (or unset), got {top_k}")
     if not 0 <= beta <= 1:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     if rule not in ("lossless", "paper"):
         raise ValueError(f"rule must be 'lossless' or 'paper', got {rule!r}")
-    P = max(len(p) for p in prompts)
-    if P + max_new_tokens + room > config.seq_len:
+    P, S = max(len(p) for p in prompts), config.seq_len
+    if P + max_new_tokens + room > S:
         drafts = f" + room for the drafts ({room})" if room else ""
-        raise ValueError(
-            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}){drafts} = {P + max_new_tokens + room} "
-            f"exceeds the model's context of {config.seq_len}: shorten one of them"
-        )
+        or_k = ", or use a smaller draft_len" if room else ""
+        fix = (f"use max_new_tokens <= {S - P - room}" if S - P - room >= 1 else
+               "use a smaller draft_len: its room alone fills the context" if room >= S - 1 else
+               f"shorten the prompt to {S - 1 - room} tokens or fewer{or_k}")
+        raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}){drafts} = "
+                         f"{P + max_new_tokens + room} exceeds the model's context of {S}: {fix}")
 
 
 def new_cache(model, prompts, max_new_tokens, T):
     """
     A static cache for the batch, with room for T tokens per forward, and `last`, the longest committed
     length a row can need (its prompt and max_new_tokens - 1 tokens: the last token is never fed back).
-    (choice) A row that is done keeps its slot: commits stop at `last`, so its steps stay inside the
+    (choice) A row that is done keeps its place: commits stop at `last`, so its steps stay inside the
     buffer and the context, and its outputs are ignored.
     """
     device, dtype = next((p.device, p.dtype) for p in model.parameters())
@@ -305,22 +316,22 @@ def prefill(model, prompts, k, cache):
     """
     The first forward, for the whole batch: each prompt (causal), then k masks at positions P .. P+k-1 that
     see the whole prompt and each other (k = 0 for AR); shorter prompts are padded with more masks. Keeps
-    the prompts' K/V. Returns the AR logits after each prompt's last token (B, V) and the k slots (B, k, V).
+    the prompts' K/V. Returns the AR logits after each prompt's last token (N, V) and the k slots (N, k, V).
     """
-    P = torch.tensor([len(p) for p in prompts], device=cache.device)  # (B,)
+    P = torch.tensor([len(p) for p in prompts], device=cache.device)  # (N,)
     W = max(len(p) for p in prompts) + k
-    idx = torch.tensor([p + [model.config.mask_id] * (W - len(p)) for p in prompts], device=cache.device)  # (B, W)
-    mask = prefill_mask(P, k, W, cache.max_len, cache.device)  # (B, W, max_len)
-    logits = model(idx, torch.arange(W, device=cache.device), mask, cache)  # (B, W, V); mask s sits at P + s
+    idx = torch.tensor([p + [model.config.mask_id] * (W - len(p)) for p in prompts], device=cache.device)  # (N, W)
+    mask = prefill_mask(P, k, W, cache.max_len, cache.device)  # (N, W, max_len)
+    logits = model(idx, torch.arange(W, device=cache.device), mask, cache)  # (N, W, V); mask s sits at P + s
     cache.length.copy_(P)  # the masks and the padding were scratch
     rows = torch.arange(len(prompts), device=cache.device)[:, None]
     return logits[rows[:, 0], P - 1], logits[rows, P[:, None] + torch.arange(k, device=cache.device)]
 
 
-def uniforms(B, n, temperature, generator, device):
-    """A function that draws the random numbers of a step, (B, n) uniforms in [0, 1), into one tensor. Greedy
+def uniforms(N, n, temperature, generator, device):
+    """A function that draws the random numbers of a step, (N, n) uniforms in [0, 1), into one tensor. Greedy
     draws none: all zeros, and u = 0 picks a one-hot's token."""
-    u = torch.zeros(B, n, device=device)
+    u = torch.zeros(N, n, device=device)
     return lambda: u.uniform_(generator=generator) if temperature > 0 else u
 
 
@@ -335,7 +346,7 @@ def trim(out, eot_id, max_new_tokens):
 def run(step, d0, draw, max_new_tokens, eot_id, capture):
     """
     The loop around a decoder's step: draw the step's random numbers, step, and read back, once per step,
-    what the host needs: the tokens fed d (B, K+1), the accepted count n and the decided y. Each live row
+    what the host needs: the tokens fed d (N, k or k+1), the accepted count n and the decided y. Each live row
     gets d_1 .. d_n, y; a row stops at <|endoftext|> or max_new_tokens. Returns per row the new tokens and
     the trace [(d, n, y)] of its steps.
     """
@@ -450,25 +461,21 @@ parser.add_argument("--compare", action="store_true", help="also decode with pla
 parser.add_argument("--show", action="store_true", help="draw each step: accepted, rejected, decided")
 
 
-def fail(message):
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def load_checkpoint(out_dir, device, dtype=torch.float32):
+    """The model of out_dir/ckpt.pt and its tokenizer, or one line that says what is wrong."""
     path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         fail(f"no checkpoint at {path}: train one first with `python train.py` (or pass --out_dir)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-    except Exception as e:
-        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-        fail(f"cannot load {path} ({why}): retrain or pick another --out_dir")
+    except Exception as e:  # (torch's own message advises weights_only=False: not what to do here)
+        fail(f"cannot load {path} ({type(e).__name__}): it is damaged, or not a checkpoint of this version's "
+             "train.py; retrain, or pick another --out_dir")
     try:
         enc = get_tokenizer(ckpt["tokenizer"])
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError) as e:  # gpt2's vocabulary could not be downloaded, say
         fail(str(e))
     if (enc.n_vocab, enc.eot_token) != (model.config.vocab_size, model.config.eot_id):
         fail(
@@ -522,10 +529,10 @@ def main(args):
     try:
         args.device = pick_device(args.device)
     except ValueError as e:
-        fail(str(e))
+        fail(str(e), 2)
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
-            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}", 2)
     model, enc = load_checkpoint(args.out_dir, args.device, getattr(torch, args.dtype))
     texts, prompts = read_prompts(args.prompt, enc, args.batch_size)
     if args.max_new_tokens is None:  # what fits beside the longest prompt and the drafts' room, at most 256
@@ -546,8 +553,8 @@ def main(args):
                     tidar(), ar()  # (and on CUDA record the step graphs that the timed calls replay)
                 generator.manual_seed(args.seed + sample_idx)
                 (outs, stats), seconds = timed(tidar, args.device)
-            except ValueError as e:
-                fail(str(e))
+            except ValueError as e:  # a request that cannot be decoded: what to change, before decoding starts
+                fail(str(e), 2)
             for row, (text, out, st) in enumerate(zip(batch_texts, outs, stats)):
                 if args.show:
                     print(f"each step: d_0 (bold), accepted drafts (green{'' if colour else ' as is'}), rejected "

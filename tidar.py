@@ -57,7 +57,7 @@ def apply_rope(x, cos, sin):
     # the masks of the doubled sequence repeat the positions of the clean half.
     # Each pair (x1_i, x2_i) turns by its angle: (x1 cos - x2 sin, x2 cos + x1 sin), in five kernels.
     x1, x2 = x.chunk(2, dim=-1)  # (..., T, hs/2) each
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs), or (B, 1, T, hs) with a position per row
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs), or (N, 1, T, hs) with a position per row
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
@@ -74,19 +74,19 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        B, T, C = x.size()
+        N, T, C = x.size()  # N rows (the batch), T tokens, C channels
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (t.view(N, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (N, nh, T, hs)
         q, k = apply_rope(torch.stack([q, k]), cos, sin)  # together: half the kernels to launch
         if cache is not None:
-            k, v = cache.write(self.layer_idx, k, v)  # (B, nh, max_len, hs): the whole buffer
+            k, v = cache.write(self.layer_idx, k, v)  # (N, nh, max_len, hs): the whole buffer
         # The mask is the whole of TiDAR's "two modes in one forward": added to the scores (0, or -inf where a
         # query may not attend; GPT.forward makes it from the bool pattern), or a FlexAttention BlockMask.
         if isinstance(mask, BlockMask):  # training on CUDA: the same pattern, all-False tiles skipped
             y = flex_attention(q, k, v, block_mask=mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(N, T, C))
 
 
 class MLP(nn.Module):
@@ -130,35 +130,35 @@ class GPT(nn.Module):
 
     def forward(self, idx, pos, mask, cache=None):
         """
-        idx (B, T) token ids; pos (T,) or (B, T) position ids; mask (T, K) or (B, T, K) bool, True = may
-        attend, or a FlexAttention BlockMask. Without a cache the keys are this forward's T tokens (K = T).
-        With one, every token's K/V is written to the cache at its row's slots length .. length + T - 1
-        and the keys are the whole buffer (K = cache.max_len): the mask hides what is not committed, and
-        setting cache.length afterwards decides what is kept. Returns logits (B, T, vocab_size).
+        idx (N, T) token ids; pos (T,) or (N, T) position ids; mask (T, n_keys) or (N, T, n_keys) bool, True =
+        may attend, or a FlexAttention BlockMask. Without a cache the keys are this forward's T tokens. With
+        one, every token's K/V is written to the cache, at its row's entries length .. length + T - 1, and the
+        keys are the whole buffer (n_keys = cache.max_len): the mask hides what is not committed, and setting
+        cache.length afterwards decides what is kept. Returns logits (N, T, vocab_size).
         """
-        T, K = idx.size(1), cache.max_len if cache is not None else idx.size(1)
+        T, n_keys = idx.size(1), cache.max_len if cache is not None else idx.size(1)
         dense = mask is not None and not isinstance(mask, BlockMask)
-        if mask is None or dense and (mask.dtype != torch.bool or tuple(mask.shape[-2:]) != (T, K)):
+        if mask is None or dense and (mask.dtype != torch.bool or tuple(mask.shape[-2:]) != (T, n_keys)):
             # No silent fallback to causal attention: without its mask this is not TiDAR.
             got = None if mask is None else (mask.dtype, tuple(mask.shape))
-            raise ValueError(f"attention needs a bool mask of shape (..., {T}, {K}), got {got}")
-        x = self.wte(idx)  # (B, T, C)
+            raise ValueError(f"attention needs a bool mask of shape (..., {T}, {n_keys}), got {got}")
+        x = self.wte(idx)  # (N, T, C)
         if dense:  # made additive once here, rather than by SDPA in every layer
-            mask = additive_mask(mask, x.dtype).unsqueeze(-3)  # (1 or B, 1, T, K): the same for every head
-        cos, sin = self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3)  # (1 or B, 1, T, hs)
+            mask = additive_mask(mask, x.dtype).unsqueeze(-3)  # (1 or N, 1, T, n_keys): the same for every head
+        cos, sin = self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3)  # (1 or N, 1, T, hs)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        return self.lm_head(self.ln_f(x))  # (N, T, vocab_size)
 
 
 # -----------------------------------------------------------------------------
 # 2. Attention patterns. Each is a pure function of (query index i, key index j) -> may attend, written
 # with comparisons and & | only, so it works on Python ints (the tests' slow loops), on broadcast index
 # tensors, and as a FlexAttention mask function alike. Lengths (L, P) may be one per row. The *_mask
-# functions turn them into (queries, keys) bool tensors, (B, queries, keys) for per-row lengths;
+# functions turn them into (queries, keys) bool tensors, (N, queries, keys) for per-row lengths;
 # place_step_mask places a decode step's own part after each row's cache (the paper's mask trick).
-# Keys are cache slots when there is a cache: the committed tokens at 0 .. L-1, then this forward's own
-# tokens at L .. L+T-1; any slot past what a pattern names is hidden.
+# Keys are the cache's entries when there is a cache: the committed tokens at 0 .. L-1, then this forward's
+# own tokens at L .. L+T-1; any entry past what a pattern names is hidden.
 
 
 def causal_allowed(i, j, L=0):
@@ -167,7 +167,7 @@ def causal_allowed(i, j, L=0):
 
 
 def training_allowed(i, j, S, B):
-    """The doubled sequence [x_0 .. x_{S-1}, m .. m] of the README's training section; mask block (i - S) // B."""
+    """The doubled sequence [x_0 .. x_{S-1}, m .. m] (the paper's Figure 3, training); mask block (i - S) // B."""
     clean_i, clean_j = i < S, j < S
     block_i, block_j = (i - S) // B, (j - S) // B
     return (
@@ -187,8 +187,9 @@ def prefill_allowed(i, j, P, k):
 
 def decode_step_allowed(i, j, L, k):
     """
-    One decode step (README, "Decoding: one forward per step"): L cached tokens, then k + k*k queries:
-    d_0 .. d_{k-1} (causal), then blocks 1 .. k of k masks; block b sees the cache, d_0 .. d_{b-1} and itself.
+    One decode step (the paper's Figure 2; README, "Decoding: one forward per step"): L cached tokens, then
+    k + k*k queries: d_0 .. d_{k-1} (causal), then blocks 1 .. k of k masks; block b sees the cache,
+    d_0 .. d_{b-1} and itself.
     """
     jn = j - L  # key index among this step's tokens (negative: a cached token)
     block_i, block_j = (i - k) // k + 1, (jn - k) // k + 1  # 0 for the d tokens, b for block b
@@ -203,8 +204,8 @@ def decode_step_allowed(i, j, L, k):
 def _mask(allowed, n_query, n_key, device=None, **lengths):
     i = torch.arange(n_query, device=device)[:, None]
     j = torch.arange(n_key, device=device)[None, :]
-    lengths = {name: n[:, None, None] if torch.is_tensor(n) else n for name, n in lengths.items()}  # (B, 1, 1)
-    return allowed(i, j, **lengths)  # (n_query, n_key), or (B, n_query, n_key)
+    lengths = {name: n[:, None, None] if torch.is_tensor(n) else n for name, n in lengths.items()}  # (N, 1, 1)
+    return allowed(i, j, **lengths)  # (n_query, n_key), or (N, n_query, n_key)
 
 
 def causal_mask(T, L=0, n_keys=None, device=None):
@@ -258,20 +259,20 @@ def place_step_mask(own, L, n_keys):
     """
     The paper's mask trick, for a static cache. Every step has the same k + k*k queries, so the part of its
     mask among its own tokens, own = decode_step_mask(0, k), never changes: built once, it is placed after
-    each row's L cache columns (all visible) at slots L .. L+T-1, and every later slot is hidden.
-    own (T, T), L (B,) -> (B, T, n_keys), equal to decode_step_mask(L, k, n_keys) in a few kernels.
+    each row's L cache columns (all visible), at entries L .. L+T-1, and every later entry is hidden.
+    own (T, T), L (N,) -> (N, T, n_keys), equal to decode_step_mask(L, k, n_keys) in a few kernels.
     """
     T = own.size(0)
-    jn = torch.arange(n_keys, device=own.device) - L[:, None]  # (B, n_keys): a slot's index among the step's tokens
-    placed = own[:, jn.clamp(0, T - 1)].transpose(0, 1)  # (B, T, n_keys): own's column jn, for 0 <= jn < T
+    jn = torch.arange(n_keys, device=own.device) - L[:, None]  # (N, n_keys): an entry's index among the step's
+    placed = own[:, jn.clamp(0, T - 1)].transpose(0, 1)  # (N, T, n_keys): own's column jn, for 0 <= jn < T
     return (jn < 0)[:, None, :] | (placed & (jn < T)[:, None, :])
 
 
 def decode_step_positions(L, k, device=None):
-    """Position ids of one decode step: d_a at L + a; block b's slot s at L + b + s (the slot after d_{b-1})."""
+    """Position ids of one decode step: d_a at L + a; block b's slot s at L + b + s (block b starts after d_{b-1})."""
     d = torch.arange(k, device=device)
     blocks = torch.arange(1, k + 1, device=device)[:, None] + d[None, :]  # (k, k)
-    return torch.as_tensor(L, device=device)[..., None] + torch.cat([d, blocks.flatten()])  # (k + k*k,) or (B, k + k*k)
+    return torch.as_tensor(L, device=device)[..., None] + torch.cat([d, blocks.flatten()])  # (k + k*k,) or (N, k + k*k)
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def decode_step_positions(L, k, device=None):
 
 def tidar_inputs(x, block_len, mask_id, flex=False):
     """
-    Clean tokens x (B, S) -> the doubled sequence: idx (B, 2S), pos (2S,), mask (2S, 2S) bool; with flex, the
+    Clean tokens x (N, S) -> the doubled sequence: idx (N, 2S), pos (2S,), mask (2S, 2S) bool; with flex, the
     same pattern as a FlexAttention BlockMask, which skips the three quarters of the mask that are False
     (train.py sets it on CUDA under torch.compile: FlexAttention is fused only when compiled, and it has no
     backward on the CPU).
@@ -302,7 +303,7 @@ def ar_inputs(x, flex=False):
 
 def tidar_loss(logits, x, y, alpha=1.0):
     """
-    logits (B, 2S, V) of the doubled forward, x (B, S) clean tokens, y (B, S) = x shifted by one.
+    logits (N, 2S, V) of the doubled forward, x (N, S) clean tokens, y (N, S) = x shifted by one.
     Clean position i is scored against x_{i+1} (AR), mask position i against x_i itself (diffusion,
     labels not shifted; every mask is [MASK], no corruption ratio). Returns (loss, ar_loss, diff_loss).
     """
@@ -319,10 +320,25 @@ def training_loss(model, config, x, y, objective="tidar", alpha=1.0, flex=False)
     (diff_loss None). model may be wrapped (compiled, DDP); config is the plain model's.
     """
     if objective == "ar":
-        logits = model(*ar_inputs(x, flex))  # (B, S, V)
+        logits = model(*ar_inputs(x, flex))  # (N, S, V)
         ar = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         return ar, ar, None
-    return tidar_loss(model(*tidar_inputs(x, config.block_len, config.mask_id, flex)), x, y, alpha)  # (B, 2S, V)
+    return tidar_loss(model(*tidar_inputs(x, config.block_len, config.mask_id, flex)), x, y, alpha)  # (N, 2S, V)
+
+
+@torch.no_grad()
+def evaluate_batch(model, config, x, y, flex=False):
+    """
+    What train.py's evaluations and ablations.py report for a batch of val windows, for a model of either
+    objective: (AR loss, diffusion loss, draft accuracy (B,)), all from the doubled forward, whose clean half
+    is exactly a causal forward. Draft accuracy at offset r: how often the one-step diffusion argmax at offset
+    r of its block is the true token there.
+    """
+    S, B = x.size(1), config.block_len
+    logits = model(*tidar_inputs(x, B, config.mask_id, flex))  # (N, 2S, V)
+    _, ar, diff = tidar_loss(logits, x, y)
+    hits = (logits[:, S:].argmax(-1) == x).view(-1, B).float().mean(0)  # (B,): by position % B
+    return ar.item(), diff.item(), hits.cpu()
 
 
 # -----------------------------------------------------------------------------
@@ -332,8 +348,8 @@ def training_loss(model, config, x, y, objective="tidar", alpha=1.0, flex=False)
 class KVCache:
     """
     Static K/V buffers for every layer, allocated once (as gpt-fast does), with a committed length per row.
-    A forward writes all of its tokens' K/V at slots length .. length + T - 1 of each row and attends over
-    the whole buffer through a mask that hides every slot it may not see. What is kept is decided after:
+    A forward writes all of its tokens' K/V at entries length .. length + T - 1 of each row and attends over
+    the whole buffer through a mask that hides every entry it may not see. What is kept is decided after:
     committing d_0 .. d_n, or rolling back rejected drafts, is setting `length`; rows past it are scratch
     that the next forward overwrites. So the shapes of a decode step never depend on how long the text
     is, and the step can be captured as a CUDA graph.
@@ -344,7 +360,7 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) committed tokens per row
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # (N,) committed tokens per row
         self.max_len = max_len
 
     @property
@@ -352,12 +368,12 @@ class KVCache:
         return self.length.device
 
     def write(self, layer, k, v):
-        """Write k, v (B, nh, T, hs) at each row's slots length .. length + T - 1; return the whole buffers."""
-        slots = self.length[:, None] + torch.arange(k.size(2), device=k.device)  # (B, T)
-        index = slots[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
+        """Write k, v (N, nh, T, hs) at each row's entries length .. length + T - 1; return the whole buffers."""
+        entries = self.length[:, None] + torch.arange(k.size(2), device=k.device)  # (N, T)
+        index = entries[:, None, :, None].expand_as(k)  # (N, nh, T, hs)
         self.k[layer].scatter_(2, index, k.to(self.k.dtype))
         self.v[layer].scatter_(2, index, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]  # (B, nh, max_len, hs)
+        return self.k[layer], self.v[layer]  # (N, nh, max_len, hs)
 
 
 def pick_device(name="auto"):

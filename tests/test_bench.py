@@ -1,4 +1,6 @@
 """bench.py and ablations.py run end to end on the CPU with tiny models; their figures are printed, not asserted."""
+import json
+import signal
 import subprocess
 import sys
 
@@ -6,53 +8,93 @@ import numpy as np
 import pytest
 from dataclasses import replace
 
+import bench
 from conftest import BYTE_MODEL, ROOT, write_checkpoint
 
 SMALL = ["--device", "cpu", "--draft_lens", "2,4", "--num_prompts", "2", "--batches", "1,3", "--prompt_len", "8",
          "--max_new_tokens", "16", "--cache_len", "16", "--max_queries", "128", "--train_batch", "2", "--repeats", "1"]
 
 
-def bench(tmp_path, *args):
-    run = subprocess.run([sys.executable, "bench.py", "--out_dir", str(tmp_path), "--data_dir", str(tmp_path), *args],
-                         cwd=ROOT, capture_output=True, text=True)
-    return run
+def run_bench(tmp_path, *args):
+    return subprocess.run([sys.executable, "bench.py", "--out_dir", str(tmp_path), "--data_dir", str(tmp_path), *args],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def write_dataset(folder, n=500, tokenizer="byte"):
+    """A val split of random bytes, and the meta.json that says which tokenizer made it."""
+    np.random.default_rng(0).integers(0, 256, n).astype(np.uint16).tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps(dict(tokenizer=tokenizer)))
 
 
 def test_bench_runs_on_cpu(tmp_path):
     write_checkpoint(tmp_path)
-    np.random.default_rng(0).integers(0, 256, 500).astype(np.uint16).tofile(tmp_path / "val.bin")
-    run = bench(tmp_path, *SMALL)
+    write_dataset(tmp_path)
+    run = run_bench(tmp_path, *SMALL)
     assert run.returncode == 0, run.stderr
     out = run.stdout
+    assert "(threads: " in out  # the thread count: the figures depend on it
     assert "TiDAR k=2" in out and "TiDAR k=4" in out
     assert out.count("True") == 2  # greedy TiDAR == greedy AR on every prompt, for each k
     assert "vs AR k=4" in out and out.count("TiDAR k=2: ") == 1  # the batch sweep and where TiDAR stops winning
     assert "<- k + k*k for k = 4" in out and "beyond the model's context" in out
-    assert "ms/iter" in out
+    assert "ms/iter" in out and "graphs are recorded only on CUDA" in out
     print(out)
 
 
-@pytest.mark.parametrize("case,message", [
-    ("no val.bin", "no {tmp}/val.bin to take prompts from"),
-    ("short val.bin", "too few for prompts of 8"),
-    ("too long", "exceeds the model's context of 96: use --max_new_tokens=80 or less"),
-    ("bad dtype", "--dtypes=float33: use torch dtype names"),
-])
-def test_bench_bad_input(tmp_path, case, message):
+def test_bench_prompts_from_a_folder(tmp_path):
     write_checkpoint(tmp_path)
-    if case != "no val.bin":
-        np.arange(5 if case == "short val.bin" else 500, dtype=np.uint16).tofile(tmp_path / "val.bin")
-    extra = {"too long": ["--max_new_tokens", "200"], "bad dtype": ["--dtypes", "float33"]}.get(case, [])
-    run = bench(tmp_path, *SMALL, *extra)
-    assert run.returncode != 0 and len(run.stderr.splitlines()) == 1
-    assert message.format(tmp=tmp_path) in run.stderr
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "src" / "a.py").write_text("def f(x):\n    return x + 1\n" * 3)
+    (tmp_path / "src" / "pkg" / "b.py").write_text("import os\n" * 5)
+    (tmp_path / "src" / "notes.txt").write_text("not Python: not read")
+    run = run_bench(tmp_path, *SMALL, "--prompts", str(tmp_path / "src"), "--sections", "1,3", "--max_queries", "16")
+    assert run.returncode == 0, run.stderr
+    assert f"spread evenly over {tmp_path / 'src'}" in run.stdout and "1. decoding at batch 1" in run.stdout
+    assert "2. total tokens/s" not in run.stdout and "4. training step" not in run.stdout  # --sections
+    assert "<- k + k*k for k = 2" in run.stdout and "k = 4" not in run.stdout  # 20 queries: beyond --max_queries
+
+
+@pytest.mark.parametrize("case,extra,message", [
+    ("no dataset", [], "no dataset in {tmp} (meta.json is missing) to take prompts from"),
+    ("short val.bin", [], "too few for prompts of 8"),
+    ("another tokenizer", [], "{tmp} was made with tokenizer 'code', but the model in {tmp} reads 'byte': pass the "
+                              "--data_dir it was trained on"),
+    ("too long", ["--max_new_tokens", "200"], "exceeds the model's context of 96: use --max_new_tokens=80 or less"),
+    ("bad dtype", ["--dtypes", "float33"], "--dtypes=float33: use float32, bfloat16 or float16"),
+    ("int dtype", ["--dtypes", "int8"], "--dtypes=int8: use float32, bfloat16 or float16"),
+    ("no repeats", ["--repeats", "0"], "--repeats=0: must be at least 1"),
+    ("no new tokens", ["--max_new_tokens", "0"], "--max_new_tokens=0: must be at least 1"),
+    ("bad list", ["--draft_lens", "4,x"], "--draft_lens=4,x: give comma-separated integers of at least 1"),
+    ("bad section", ["--sections", "6"], "--sections=6: the sections are 1 to 5"),
+    ("no prompts there", ["--prompts", "/nonexistent"], "--prompts=/nonexistent: no such file, nor a folder"),
+])
+def test_bench_bad_input(tmp_path, capsys, case, extra, message):
+    write_checkpoint(tmp_path)
+    if case != "no dataset":
+        tokenizer = "code" if case == "another tokenizer" else "byte"
+        write_dataset(tmp_path, 5 if case == "short val.bin" else 500, tokenizer)
+    with pytest.raises(SystemExit) as e:
+        bench.main(bench.parser.parse_args(["--out_dir", str(tmp_path), "--data_dir", str(tmp_path), *SMALL, *extra]))
+    out, err = capsys.readouterr()
+    assert e.value.code != 0 and len(err.splitlines()) == 1 and message.format(tmp=tmp_path) in err
+    assert out == ""  # found before anything was measured
+
+
+def test_bench_ctrl_c_is_one_line(tmp_path):
+    write_checkpoint(tmp_path)
+    write_dataset(tmp_path)
+    prelude = "import tidar\ndef stop(*a, **k): raise KeyboardInterrupt\ntidar.GPT.forward = stop"
+    launch = "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path('bench.py', run_name='__main__')"
+    run = subprocess.run([sys.executable, "-c", f"{prelude}\n{launch}", "bench.py", "--out_dir", str(tmp_path),
+                          "--data_dir", str(tmp_path), *SMALL], cwd=ROOT, capture_output=True, text=True)
+    assert run.stderr == "bench.py: interrupted\n" and run.returncode == -signal.SIGINT
 
 
 def test_ablations_run_on_cpu(tmp_path):
     for name, config in [("main", BYTE_MODEL), ("b2", replace(BYTE_MODEL, block_len=2)),
                          ("drafter", replace(BYTE_MODEL, n_embd=8, n_head=1))]:
         write_checkpoint(tmp_path / name, config)
-    np.random.default_rng(0).integers(0, 256, 500).astype(np.uint16).tofile(tmp_path / "val.bin")
+    write_dataset(tmp_path)
     args = ["--out_dir", str(tmp_path / "main"), "--block_dirs", f"{tmp_path / 'b2'},{tmp_path / 'main'}",
             "--drafter_dir", str(tmp_path / "drafter"), "--data_dir", str(tmp_path), "--device", "cpu",
             "--draft_lens", "2,4", "--speculative_lens", "1,3", "--num_prompts", "1", "--prompt_len", "8",

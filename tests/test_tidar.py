@@ -1,5 +1,5 @@
-"""The model side of the properties in the README's "Tests" section: masks, no leakage, the clean half is AR,
-cached = uncached, exact rollback (by hand), the loss, and every attention backend honouring its mask."""
+"""The model side, as a specification: the masks against slow loops, no leakage, the clean half is a plain AR
+model, cached = uncached, exact rollback (by hand), the loss, and every attention backend honouring its mask."""
 import math
 import subprocess
 import sys
@@ -33,7 +33,7 @@ from tidar import (
 )
 
 
-# --- 1. the masks, against slow loops written from the README's tables, not from tidar.py
+# --- the masks, against slow loops written from the README's tables, not from tidar.py
 
 
 def slow_training_mask(S, B):
@@ -113,7 +113,7 @@ def test_prefill_mask_and_positions():
     assert decode_step_positions(torch.tensor([10, 0]), 3).tolist() == [pos, [p - 10 for p in pos]]
 
 
-# --- 2 and 3. no leakage; the clean half is a plain AR model
+# --- no leakage; the clean half is a plain AR model
 
 
 def doubled_logits(model, x):
@@ -145,7 +145,7 @@ def test_clean_half_is_plain_ar(tiny):
     torch.testing.assert_close(doubled[:, :16], plain, rtol=0, atol=1e-12)
 
 
-# --- 5 and 6. cached = uncached; rollback is exact
+# --- cached = uncached; rollback is exact
 
 
 def fresh_cache(model, tokens, extra=64):
@@ -190,7 +190,7 @@ def test_rollback_is_exact(tiny, n):
     torch.testing.assert_close(decode_step(tiny, cache, nxt), decode_step(tiny, ref, nxt), rtol=0, atol=1e-12)
 
 
-# --- 11. the loss
+# --- the loss
 
 
 def test_loss_on_a_hand_computable_case():
@@ -220,7 +220,7 @@ def test_gradients_reach_both_halves(tiny):
     assert loss.item() == pytest.approx((ar.item() + diff.item()) / 2)
 
 
-# --- 13. the mask is really used
+# --- the mask is really used
 
 
 @pytest.mark.parametrize("per_row", [False, True])
