@@ -1,5 +1,7 @@
-"""bench.py and ablations.py run end to end on the CPU with tiny models; their figures are printed, not asserted."""
+"""bench.py, ablations.py and reproduce.sh run end to end on the CPU with tiny models; their figures are printed, not
+asserted."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -111,3 +113,40 @@ def test_ablations_run_on_cpu(tmp_path):
     assert len(spec) == 2 and all(line.endswith("True") for line in spec)
     assert "EAGLE-3" in run.stdout and "3.51" in run.stdout and "7.45" in run.stdout
     print(run.stdout)
+
+
+PHASES = ["a-gpu-tests", "b-train", "c1-bench-val", "c2-bench-outside", "c3-bench-sweeps", "d-graph-reuse",
+          "e-ar-baseline"]
+
+
+def reproduce(out, **env):
+    return subprocess.run(["bash", "reproduce.sh", "--smoke", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+                                   OMP_NUM_THREADS="1", **env))
+
+
+def summary_rows(out):
+    lines = (out / "summary.md").read_text().splitlines()
+    return {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in lines if line.startswith("| ") and
+            not line.startswith(("| phase", "| (a)", "| c, d"))}
+
+
+def test_reproduce_smoke_runs_every_phase(tmp_path):
+    """bash reproduce.sh --smoke: every phase of the GPU run, at tiny sizes on the CPU, each ending well, its
+    results in a few small files; the models beside them."""
+    r = reproduce(tmp_path / "results")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert summary_rows(tmp_path / "results") == dict.fromkeys(PHASES, "ok")
+    assert sorted(os.listdir(tmp_path / "results")) == sorted([f"{p}.log" for p in PHASES] + ["summary.md"])
+    summary = (tmp_path / "results" / "summary.md").read_text()
+    assert "eval 20: val loss" in summary and "TiDAR k=4" in summary and "ms/iter" in summary
+    assert {"ar", "tidar"} <= set(os.listdir(tmp_path / "results-models"))
+
+
+def test_reproduce_goes_on_after_a_phase_fails(tmp_path):
+    """A phase that runs out of time is marked so, and the phases after it still run (or say why they cannot)."""
+    r = reproduce(tmp_path / "results", LIMITS="60 1 60 60 60 60 1")
+    assert r.returncode == 1
+    rows = summary_rows(tmp_path / "results")
+    assert rows == {"a-gpu-tests": "ok", "b-train": "ran out of time", "e-ar-baseline": "ran out of time"}
+    assert "| c, d | skipped: b left no checkpoint |" in (tmp_path / "results" / "summary.md").read_text()
