@@ -32,13 +32,13 @@ except ImportError:  # Windows: no lock
 sys.excepthook = quiet_exits(" before training started; nothing was written")
 
 # -----------------------------------------------------------------------------
-# Settings. The defaults are sized for one GPU: 25.4M parameters, 4000 steps of 32 sequences of 1024 tokens,
-# bf16, compiled.
+# Settings. The defaults are sized for one GPU: 25.4M parameters, 6000 steps of 32 sequences of 1024 tokens, the
+# first 4000 plain AR and the rest TiDAR from those weights (the paper's recipe), bf16, compiled.
 out_dir = "out"  # holds ckpt.pt
 overwrite = False  # False: a fresh run refuses to replace out_dir/ckpt.pt | True: it may
 data_dir = "data/pycode"  # from data/prepare.py; a missing folder named pycode is prepared on the spot
 objective = "tidar"  # 'tidar' (doubled sequence, AR + diffusion loss) | 'ar' (plain AR baseline, same data)
-ar_iters = 0  # 0 .. max_iters - 1: the first ar_iters steps train plain AR, then the objective (continual pretraining)
+ar_iters = 4000  # 0 .. max_iters - 1: the first steps train plain AR, then TiDAR from them; 0 = TiDAR from scratch
 alpha = 1.0  # >= 0: loss = (alpha * AR + diffusion) / (1 + alpha), README "Training: the doubled sequence"
 seq_len = 1024  # S >= 1, clean tokens per sequence; the model sees the doubled sequence of 2S
 block_len = 16  # B >= 1, the mask block length, a divisor of S; the default draft length in sample.py
@@ -47,7 +47,7 @@ n_head = 8  # >= 1
 n_embd = 512  # a multiple of 2 * n_head (rotary positions need an even head size)
 batch_size = 32  # >= 1 sequences per micro-step, per process
 grad_accum = 1  # >= 1 micro-steps per optimizer step
-max_iters = 4000  # >= 1 optimizer steps; the cosine schedule ends here
+max_iters = 6000  # >= 1 optimizer steps; the cosine schedule ends here
 lr = 1e-3  # > 0, the peak learning rate, reached after warmup
 min_lr = 1e-4  # 0 .. lr, where the cosine decay ends
 warmup_iters = 200  # >= 0 steps of linear warmup
@@ -65,11 +65,12 @@ device = "auto"  # 'auto' (cuda, then mps, then cpu) | 'cuda' | 'mps' | 'cpu'
 compile = "auto"  # 'auto' (on with CUDA, where torch.compile works) | True | False
 seed = 1337  # >= 0; fixes the initialisation and every batch
 # With no GPU (the device resolves to cpu) a fresh run takes these values instead, except those set on the
-# command line. Measured on 2 cores of an AMD EPYC: 9.7 minutes (about 205 ms/iter), val loss 5.60 -> 2.45
-# (AR 1.74 nats per token of the default "code" tokenizer). Time on the CPU goes to the doubled sequence's
-# attention; the shape, context and learning rate were chosen by short runs of equal time.
-cpu_preset = dict(n_layer=4, n_head=2, n_embd=128, seq_len=256, block_len=8, batch_size=6, max_iters=2800,
-                  warmup_iters=100, lr=2e-3, min_lr=2e-4, eval_interval=700, eval_iters=20)
+# command line: 3800 AR steps, then 1400 TiDAR steps, in the time of 2800 TiDAR steps from scratch (an AR step
+# costs about 0.37 of one here), for a far better AR loss and drafts as good (README, "Continual pretraining").
+# Time on the CPU goes to the doubled sequence's attention; the shape, context and learning rate were chosen
+# by short runs of equal time.
+cpu_preset = dict(n_layer=4, n_head=2, n_embd=128, seq_len=256, block_len=8, batch_size=6, ar_iters=3800,
+                  max_iters=5200, warmup_iters=100, lr=2e-3, min_lr=2e-4, eval_interval=950, eval_iters=20)
 # -----------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 choices = dict(objective=("tidar", "ar"), device=("auto", "cuda", "mps", "cpu"), compile=("auto", True, False))
@@ -140,14 +141,17 @@ elif from_run:  # continual pretraining (README, "Continual pretraining"): anoth
 cpu_run = not resume and device_type == "cpu"
 if cpu_run:
     globals().update({k: v for k, v in cpu_preset.items() if k not in overrides})
+if from_run and "ar_iters" not in overrides:  # the weights are trained already: straight to the objective
+    ar_iters = 0
 train_config = {k: globals()[k] for k in settings}
 # settings that must agree with each other, as the checkpoint or the CPU preset leave them
 if min_lr > lr:
     fail(f"--min_lr={min_lr} is above --lr={lr}: the schedule decays from lr down to min_lr", 2)
 if seq_len % block_len:
     fail(f"--seq_len={seq_len} must be a multiple of --block_len={block_len}: training blocks tile the sequence", 2)
-if ar_iters >= max_iters:
-    fail(f"--ar_iters={ar_iters} leaves no step of the objective in --max_iters={max_iters}: lower it", 2)
+if objective == "tidar" and ar_iters >= max_iters:
+    fail(f"--ar_iters={ar_iters} leaves no TiDAR step in --max_iters={max_iters}: lower it (0 = TiDAR from "
+         "scratch)", 2)
 if n_embd % (2 * n_head):
     fail(f"--n_embd={n_embd} must be a multiple of 2 * n_head={2 * n_head}: rotary positions need an even head size", 2)
 if data_dir == "data/pycode":  # the default dataset lives beside train.py, wherever train.py is started from
@@ -197,9 +201,10 @@ if master:
         lock.flush()
     if cpu_run:
         preset = " ".join(f"{k}={globals()[k]}" for k in cpu_preset)
-        as_measured = not set(overrides) & {*cpu_preset, "objective", "grad_accum"}
+        as_measured = not set(overrides) & {*cpu_preset, "objective", "grad_accum", "init_from"}
         how_long = "as set, it takes about 10 minutes on 2 cores" if as_measured else "the log shows the time left"
-        print(f"no GPU: training the CPU preset instead of the GPU defaults ({preset}); {how_long}; "
+        stages = f"{ar_iters} AR steps, then {max_iters - ar_iters} TiDAR steps from them; " if ar_iters else ""
+        print(f"no GPU: training the CPU preset instead of the GPU defaults ({preset}); {stages}{how_long}; "
               "--help lists the settings", flush=True)
 
 
@@ -392,6 +397,9 @@ if master:
               f"optimizer and schedule{untrained}", flush=True)
     threads = f" (threads: {torch.get_num_threads()})"  # OMP_NUM_THREADS sets it
     how = " (bf16)" if device_type == "cuda" else threads if device_type == "cpu" else ""
+    if objective == "tidar" and ar_iters > iter_num:
+        print(f"steps {iter_num}..{ar_iters - 1} train plain AR, steps {ar_iters}..{max_iters - 1} TiDAR from those "
+              "weights (continual pretraining, the paper's recipe; --ar_iters=0 trains TiDAR from scratch)", flush=True)
     print(f"{objective} model: {n_params / 1e6:.2f}M parameters, S={seq_len}, B={block_len}, "
           f"vocab {vocab_size} ({tokenizer}); {tokens_per_iter:,} tokens/iter "
           f"on {world_size} x {device}{how}{', compiled' if compile else ''}; from iter {iter_num}", flush=True)

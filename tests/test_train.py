@@ -22,7 +22,7 @@ from tidar import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--seq_len=32", "--block_len=4", "--batch_size=8",
-        "--eval_iters=4", "--warmup_iters=5", "--lr=3e-3", "--log_interval=10"]
+        "--eval_iters=4", "--warmup_iters=5", "--lr=3e-3", "--log_interval=10", "--ar_iters=0"]
 
 
 def run(*args, env=None):
@@ -322,8 +322,8 @@ def test_missing_default_dataset_is_prepared_beside_train_py(tmp_path):
 
 def test_cpu_preset_instead_of_the_gpu_defaults(trained, tmp_path):
     data_dir, _, _ = trained
-    r = train(f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cpu", "--max_iters=1", "--eval_iters=1",
-              "--batch_size=1")
+    r = train(f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cpu", "--max_iters=1", "--ar_iters=0",
+              "--eval_iters=1", "--batch_size=1")
     assert r.returncode == 0, r.stderr
     line = r.stdout.splitlines()[0]
     assert line.startswith("no GPU: training the CPU preset instead of the GPU defaults (")
@@ -344,7 +344,8 @@ def test_cpu_preset_states_its_time_only_for_the_preset_as_measured(trained, tmp
     stop = fail_call("tidar.GPT.__init__", 1, "SystemExit(0)")  # stop when the model is built: the line is out
     first_line = lambda *args: run_after(stop, "train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'new'}",
                                          "--device=cpu", *args).stdout.splitlines()[0]
-    assert "; as set, it takes about 10 minutes on 2 cores; " in first_line()
+    assert "; 3800 AR steps, then 1400 TiDAR steps from them; as set, it takes about 10 minutes on 2 cores; " in \
+        first_line()  # the paper's recipe, in one run
     assert "; the log shows the time left; " in first_line("--objective=ar")
     assert not (tmp_path / "new").exists()  # a run that stops before its first checkpoint leaves no folder behind
 
@@ -364,7 +365,8 @@ def test_help_lists_the_settings_and_the_gpu_defaults():
         assert r.returncode == 0 and r.stderr == ""
         assert re.search(r"--block_len=16 +# B >= 1, the mask block length", r.stdout)
         assert all(f"--{kv} " in r.stdout for kv in ("n_layer=8", "n_embd=512", "seq_len=1024", "batch_size=32",
-                                                     "max_iters=4000", "overwrite=False", "data_dir=data/pycode"))
+                                                     "max_iters=6000", "ar_iters=4000", "overwrite=False",
+                                                     "data_dir=data/pycode"))
         assert "with no GPU, a fresh run takes instead" in r.stdout
 
 
@@ -395,6 +397,20 @@ def test_continual_pretraining_starts_from_the_ar_weights(trained, ar_run, tmp_p
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["started_from"] == dict(checkpoint=str(ar_dir / "ckpt.pt"), objective="ar", iter_num=40)
     assert ckpt["train_config"]["init_from"] == str(ar_dir) and ckpt["optimizer"]["state"][0]["step"] == 40
+
+
+def test_ar_iters_trains_the_ar_stage_first_in_one_run(trained, ar_run, tmp_path):
+    """--ar_iters=20: the same recipe in one run. Its first 20 steps are exactly the AR run's (the same model at
+    step 20, by its evaluation), then the TiDAR objective takes over and the diffusion loss falls."""
+    (data_dir, _, _), (_, ar_stdout) = trained, ar_run
+    r = train(f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=40", "--eval_interval=20", *TINY,
+              "--ar_iters=20")
+    assert r.returncode == 0, r.stderr
+    ev = evals(r.stdout)
+    assert ev[1][0] == 20 and ev[1][2:] == evals(ar_stdout)[1][2:]
+    assert re.search(r"iter 20: loss ([\d.]+) \(ar \1\), lr", r.stdout)  # the AR term alone
+    assert re.search(r"iter 30: loss [\d.]+ \(ar [\d.]+, diff [\d.]+\), lr", r.stdout)
+    assert ev[2][3] < ev[1][3] - 0.5
 
 
 @pytest.mark.parametrize("start", ["scratch", "from AR"])
@@ -532,6 +548,8 @@ BAD_INPUTS = [  # (case, settings, message, exit status)
      "interrupted at iter 44; the last checkpoint is {tmp}/out/ckpt.pt (iter 40)", 130),
     ("a dataset too small", ["--data_dir={tmp}/small", "--out_dir={tmp}/new"],
      "{tmp}/small/train.bin holds 1 tokens, fewer than seq_len + 1 = 33: prepare the dataset from more text", 1),
+    ("ar_iters: no TiDAR step left", ["--ar_iters=40", "--max_iters=40"],
+     "--ar_iters=40 leaves no TiDAR step in --max_iters=40: lower it (0 = TiDAR from scratch)", 2),
     ("init_from: no checkpoint", ["--init_from={tmp}/nowhere", "--out_dir={tmp}/new"],
      "--init_from={tmp}/nowhere: there is no checkpoint {tmp}/nowhere/ckpt.pt; pass 'scratch', 'resume' or the "
      "--out_dir of a train.py run", 2),
