@@ -138,7 +138,8 @@ def recipe(out_dir):
     """How the checkpoint in out_dir was trained, in a few words, from what train.py records in it."""
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
     config, start, name = ckpt["train_config"], ckpt.get("started_from"), {"tidar": "TiDAR", "ar": "AR"}
-    steps = f"{name[config['objective']]} {ckpt['iter_num']}"
+    ar = min(config.get("ar_iters", 0), ckpt["iter_num"]) if config["objective"] == "tidar" else 0  # in one run
+    steps = (f"AR {ar} + " if ar else "") + f"{name[config['objective']]} {ckpt['iter_num'] - ar}"
     return (f"{name[start['objective']]} {start['iter_num']} + " if start else "") + steps, config
 
 

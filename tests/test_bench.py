@@ -115,7 +115,7 @@ def test_ablations_run_on_cpu(tmp_path):
     print(run.stdout)
 
 
-PHASES = ["a-gpu-tests", "b-train", "c1-bench-val", "c2-bench-outside", "c3-bench-sweeps", "d-graph-reuse",
+PHASES = ["a-gpu-tests", "b-train", "c1-bench-val", "c2-bench-outside", "c3-bench-sweeps", "d-bench-training-graphs",
           "e-ar-baseline"]
 
 
@@ -145,8 +145,8 @@ def test_reproduce_smoke_runs_every_phase(tmp_path):
 
 def test_reproduce_goes_on_after_a_phase_fails(tmp_path):
     """A phase that runs out of time is marked so, and the phases after it still run (or say why they cannot)."""
-    r = reproduce(tmp_path / "results", LIMITS="60 1 60 60 60 60 1")
+    r = reproduce(tmp_path / "results", LIMITS="60 1 60 60 60 60 60")  # b: one second
     assert r.returncode == 1
     rows = summary_rows(tmp_path / "results")
-    assert rows == {"a-gpu-tests": "ok", "b-train": "ran out of time", "e-ar-baseline": "ran out of time"}
+    assert rows == {"a-gpu-tests": "ok", "b-train": "ran out of time", "e-ar-baseline": "ok"}
     assert "| c, d | skipped: b left no checkpoint |" in (tmp_path / "results" / "summary.md").read_text()
