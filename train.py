@@ -203,7 +203,8 @@ if master:
         preset = " ".join(f"{k}={globals()[k]}" for k in cpu_preset)
         as_measured = not set(overrides) & {*cpu_preset, "objective", "grad_accum", "init_from"}
         how_long = "as set, it takes about 10 minutes on 2 cores" if as_measured else "the log shows the time left"
-        stages = f"{ar_iters} AR steps, then {max_iters - ar_iters} TiDAR steps from them; " if ar_iters else ""
+        two_stages = ar_iters and objective == "tidar"
+        stages = f"{ar_iters} AR steps, then {max_iters - ar_iters} TiDAR steps from them; " if two_stages else ""
         print(f"no GPU: training the CPU preset instead of the GPU defaults ({preset}); {stages}{how_long}; "
               "--help lists the settings", flush=True)
 
