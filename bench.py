@@ -108,22 +108,22 @@ def bench_batches(models, prompts, batch_sizes, draft_lens, max_new_tokens, devi
     for (dtype, capture), model in models.items():
         print(f"\n{dtype}, {'captured (CUDA graphs)' if capture else 'eager'}")
         names = ["AR"] + [f"TiDAR k={k}" for k in draft_lens]
-        print(f"{'batch':>6}" + "".join(f" {n:>11}" for n in names)
+        print(f"{'batch':>6}" + "".join(f" {name:>11}" for name in names)
               + "".join(f" {'vs AR k=' + str(k):>10}" for k in draft_lens))
         stops = {k: None for k in draft_lens}  # the first batch at which TiDAR is not faster
-        for B in batch_sizes:
+        for N in batch_sizes:
             GRAPHS.clear()  # the last batch's recorded steps and caches: not needed again
-            results = decode_all(model, [prompts[:B]], draft_lens, max_new_tokens, device, capture)
-            speed = {name: n / s for name, (s, n, f, outs) in results.items()}
+            results = decode_all(model, [prompts[:N]], draft_lens, max_new_tokens, device, capture)
+            speed = {name: tokens / s for name, (s, tokens, _, _) in results.items()}
             ratios = {k: speed[f"TiDAR k={k}"] / speed["AR"] for k in draft_lens}
-            print(f"{B:6d}" + "".join(f" {speed[n]:11.1f}" for n in names)
+            print(f"{N:6d}" + "".join(f" {speed[name]:11.1f}" for name in names)
                   + "".join(f" {ratios[k]:9.2f}x" for k in draft_lens))
-            stops.update({k: B for k in draft_lens if stops[k] is None and ratios[k] <= 1})
-        for k, B in stops.items():
-            before = batch_sizes[batch_sizes.index(B) - 1] if B and B != batch_sizes[0] else None
-            verdict = (f"faster than AR at every batch measured, up to {batch_sizes[-1]}" if B is None
-                       else f"faster than AR up to batch {before}, not at {B}" if before
-                       else f"not faster than AR, even at batch {B}")
+            stops.update({k: N for k in draft_lens if stops[k] is None and ratios[k] <= 1})
+        for k, N in stops.items():
+            before = batch_sizes[batch_sizes.index(N) - 1] if N and N != batch_sizes[0] else None
+            verdict = (f"faster than AR at every batch measured, up to {batch_sizes[-1]}" if N is None
+                       else f"faster than AR up to batch {before}, not at {N}" if before
+                       else f"not faster than AR, even at batch {N}")
             print(f"TiDAR k={k}: {verdict}")
 
 def bench_query_sweep(models, cache_len, max_queries, draft_lens, repeats, device):

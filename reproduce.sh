@@ -29,9 +29,15 @@ mkdir -p "$OUT" "$MODELS" || exit 1
 MODELS=$(cd "$MODELS" && pwd)
 rm -f "$OUT"/*.log "$OUT"/summary.md
 export PYTHONUNBUFFERED=1
-PY=$(command -v python || command -v python3)
-"$PY" -c "import torch, numpy, tiktoken, pytest" 2>/dev/null || {
-    echo "reproduce.sh: error: this Python lacks torch, numpy, tiktoken or pytest: pip install -r requirements.txt"
+PY=""  # the first of python, python3 that has what the project needs (a GPU machine's python may be another)
+for candidate in python python3; do
+    if command -v "$candidate" > /dev/null && "$candidate" -c "import torch, numpy, tiktoken, pytest" 2> /dev/null; then
+        PY=$(command -v "$candidate")
+        break
+    fi
+done
+[ -n "$PY" ] || {
+    echo "reproduce.sh: error: neither python nor python3 has torch, numpy, tiktoken and pytest: pip install -r requirements.txt"
     exit 1
 }
 device=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")

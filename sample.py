@@ -96,7 +96,7 @@ def generate_tidar(
     drafts, q = choose(slots[:, 1:], temperature, top_k, u[:, 1:k])  # d_1 .. d_{k-1} (N, k-1), drawn from q (N, k-1, V)
 
     def step(u):  # u (N, 2k): the step's uniforms
-        L = cache.length  # (N,)
+        L = cache.length  # (N,), the cache's own tensor: read it before the commit in 4 changes it
         # 1. Draft and pre-draft in one forward: d_0 .. d_{k-1} at L .. L+k-1 (causal), then blocks 1 .. k;
         #    block b (positions L+b .. L+b+k-1) sees the cache and d_0 .. d_{b-1}: it is the pre-draft for
         #    "d_0 .. d_{b-1} accepted". All T tokens' K/V are written to the cache past its committed length.
@@ -107,8 +107,9 @@ def generate_tidar(
         ar, blocks = logits[:, :k], logits[:, k:].view(N, k, k, -1)  # ar[:, j]: after d_j; blocks[:, b-1]: block b
         target = mix(ar, blocks[:, :, 0], beta)  # (N, k, V): row j for position L+j+1, where block j+1's slot 0 is too
 
-        # 2. Verify d_1 .. d_{k-1} in order against the AR output one position earlier; stop at the first
-        #    rejection (the paper's rule: by argmax match).
+        # 2. Verify d_1 .. d_{k-1} in order, each against the target of its position: the AR output after the
+        #    token before it (mixed with slot 0 when beta < 1); stop at the first rejection (the paper's rule:
+        #    by argmax match).
         # 3. Decide y at L+n+1: the correction, or the bonus token when all were accepted.
         n, y = verify(probabilities(target, 0.0 if paper else temperature, top_k), q, drafts, u[:, :k])  # (N,) each
         chosen = blocks[rows, n]  # (N, k, V): block n+1, whose context is exactly the tokens now committed
@@ -157,10 +158,10 @@ def generate_speculative(
     logits, _ = prefill(target, prompts, 0, cache)  # (N, V)
     prefill(drafter, prompts, 0, small)
     d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (N,)
-    c = torch.tensor([p[-1] for p in prompts], device=cache.device)  # (N,): the last committed token
+    c = torch.tensor([prompt[-1] for prompt in prompts], device=cache.device)  # (N,): the last committed token
 
     def step(u):  # u (N, 2k+1): the step's uniforms
-        L = cache.length  # (N,)
+        L = cache.length  # (N,), the cache's own tensor: read it before the commit in 4 changes it
         # 1. Draft: the drafter reads the last committed token again (its cache is rolled back to just before
         #    it, which is all the bookkeeping it needs) and d_0, then proposes d_1 .. d_k, one forward each.
         small.length.copy_(L - 1)
@@ -266,13 +267,13 @@ def mix(ar_logits, diffusion_logits, beta):
 def as_batch(prompt_ids, eot_id):
     """One prompt (a list of ids) or a batch (a list of lists) -> (list of prompts, whether it was one)."""
     one = len(prompt_ids) == 0 or not isinstance(prompt_ids[0], (list, tuple))
-    return [list(p) or [eot_id] for p in ([prompt_ids] if one else prompt_ids)], one
+    return [list(prompt) or [eot_id] for prompt in ([prompt_ids] if one else prompt_ids)], one
 
 
 def check_request(config, prompts, max_new_tokens, temperature, top_k, room=0, k=1, beta=1.0, rule="lossless"):
     """Bad requests fail before decoding starts, each with a message that says what to change. room: the
     positions a step reaches past the last token (2k for TiDAR: its last block ends at L + 2k - 1)."""
-    ids = [t for p in prompts for t in p]
+    ids = [t for prompt in prompts for t in prompt]
     if not all(isinstance(t, int) and 0 <= t < config.vocab_size for t in ids):  # [MASK] is no prompt token
         raise ValueError(f"prompt token ids must be ints in [0, {config.vocab_size}), got {min(ids)}..{max(ids)}")
     if k < 1:
@@ -289,7 +290,7 @@ def check_request(config, prompts, max_new_tokens, temperature, top_k, room=0, k
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     if rule not in ("lossless", "paper"):
         raise ValueError(f"rule must be 'lossless' or 'paper', got {rule!r}")
-    P, S = max(len(p) for p in prompts), config.seq_len
+    P, S = max(len(prompt) for prompt in prompts), config.seq_len
     if P + max_new_tokens + room > S:
         drafts = f" + room for the drafts ({room})" if room else ""
         or_k = ", or use a smaller draft_len" if room else ""
@@ -307,9 +308,9 @@ def new_cache(model, prompts, max_new_tokens, T):
     (choice) A row that is done keeps its place: commits stop at `last`, so its steps stay inside the
     buffer and the context, and its outputs are ignored.
     """
-    device, dtype = next((p.device, p.dtype) for p in model.parameters())
+    device, dtype = next((w.device, w.dtype) for w in model.parameters())
     cache = KVCache(model.config, len(prompts), max(map(len, prompts)) + max_new_tokens + T, device, dtype)
-    return cache, torch.tensor([len(p) + max_new_tokens - 1 for p in prompts], device=device)
+    return cache, torch.tensor([len(prompt) + max_new_tokens - 1 for prompt in prompts], device=device)
 
 
 def prefill(model, prompts, k, cache):
@@ -318,9 +319,10 @@ def prefill(model, prompts, k, cache):
     see the whole prompt and each other (k = 0 for AR); shorter prompts are padded with more masks. Keeps
     the prompts' K/V. Returns the AR logits after each prompt's last token (N, V) and the k slots (N, k, V).
     """
-    P = torch.tensor([len(p) for p in prompts], device=cache.device)  # (N,)
-    W = max(len(p) for p in prompts) + k
-    idx = torch.tensor([p + [model.config.mask_id] * (W - len(p)) for p in prompts], device=cache.device)  # (N, W)
+    P = torch.tensor([len(prompt) for prompt in prompts], device=cache.device)  # (N,)
+    W = max(len(prompt) for prompt in prompts) + k
+    padded = [prompt + [model.config.mask_id] * (W - len(prompt)) for prompt in prompts]
+    idx = torch.tensor(padded, device=cache.device)  # (N, W)
     mask = prefill_mask(P, k, W, cache.max_len, cache.device)  # (N, W, max_len)
     logits = model(idx, torch.arange(W, device=cache.device), mask, cache)  # (N, W, V); mask s sits at P + s
     cache.length.copy_(P)  # the masks and the padding were scratch
@@ -328,10 +330,10 @@ def prefill(model, prompts, k, cache):
     return logits[rows[:, 0], P - 1], logits[rows, P[:, None] + torch.arange(k, device=cache.device)]
 
 
-def uniforms(N, n, temperature, generator, device):
-    """A function that draws the random numbers of a step, (N, n) uniforms in [0, 1), into one tensor. Greedy
-    draws none: all zeros, and u = 0 picks a one-hot's token."""
-    u = torch.zeros(N, n, device=device)
+def uniforms(N, count, temperature, generator, device):
+    """A function that draws the random numbers of a step, (N, count) uniforms in [0, 1), into one tensor.
+    Greedy draws none: all zeros, and u = 0 picks a one-hot's token."""
+    u = torch.zeros(N, count, device=device)
     return lambda: u.uniform_(generator=generator) if temperature > 0 else u
 
 
@@ -356,10 +358,10 @@ def run(step, d0, draw, max_new_tokens, eot_id, capture):
         step = cuda_graph(step)
     while not all(done):
         d, n, y = step(draw())
-        for b, (*d_b, n_b, y_b) in enumerate(torch.cat([d, n[:, None], y[:, None]], dim=1).tolist()):  # the sync
-            if not done[b]:
-                traces[b].append((d_b, n_b, y_b))
-                out[b], done[b] = trim(out[b] + d_b[1 : n_b + 1] + [y_b], eot_id, max_new_tokens)
+        for i, (*d_i, n_i, y_i) in enumerate(torch.cat([d, n[:, None], y[:, None]], dim=1).tolist()):  # the sync
+            if not done[i]:
+                traces[i].append((d_i, n_i, y_i))
+                out[i], done[i] = trim(out[i] + d_i[1 : n_i + 1] + [y_i], eot_id, max_new_tokens)
     return out, traces
 
 
@@ -448,7 +450,8 @@ parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 2
 parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
 parser.add_argument("--top_k", type=int, default=None)
 parser.add_argument("--draft_len", type=int, default=None, help="k; default: the block length B of training")
-parser.add_argument("--beta", type=float, default=1.0, help="1 = trust AR (lossless); < 1 mixes in the drafts")
+parser.add_argument("--beta", type=float, default=1.0, help="targets = beta * AR + (1 - beta) * mask slot 0: "
+                    "1 = trust AR (lossless under --rule=lossless); the authors' default with --rule=paper is 0")
 parser.add_argument("--rule", default="lossless", choices=["lossless", "paper"],
                     help="paper: the authors' released rule, which commits slot 0 of each block unverified")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -537,7 +540,8 @@ def main(args):
     texts, prompts = read_prompts(args.prompt, enc, args.batch_size)
     if args.max_new_tokens is None:  # what fits beside the longest prompt and the drafts' room, at most 256
         room = 2 * (args.draft_len or model.config.block_len)
-        args.max_new_tokens = max(1, min(256, model.config.seq_len - room - max(len(p) or 1 for p in prompts)))
+        longest = max(len(prompt) or 1 for prompt in prompts)
+        args.max_new_tokens = max(1, min(256, model.config.seq_len - room - longest))
     generator = torch.Generator(device=args.device)
     colour, eot = sys.stdout.isatty(), model.config.eot_id
     k = args.draft_len or model.config.block_len

@@ -204,7 +204,7 @@ def decode_step_allowed(i, j, L, k):
 def _mask(allowed, n_query, n_key, device=None, **lengths):
     i = torch.arange(n_query, device=device)[:, None]
     j = torch.arange(n_key, device=device)[None, :]
-    lengths = {name: n[:, None, None] if torch.is_tensor(n) else n for name, n in lengths.items()}  # (N, 1, 1)
+    lengths = {name: v[:, None, None] if torch.is_tensor(v) else v for name, v in lengths.items()}  # (N, 1, 1)
     return allowed(i, j, **lengths)  # (n_query, n_key), or (N, n_query, n_key)
 
 
@@ -229,9 +229,9 @@ def tidar_training_mask(seq_len, block_len, device=None):
 
 
 @functools.lru_cache(maxsize=8)
-def flex_mask(allowed, n, device, **lengths):
-    """An (n, n) pattern as a FlexAttention BlockMask, built once: its tiles that are all False are never computed."""
-    return create_block_mask(lambda b, h, i, j: allowed(i, j, **lengths), None, None, n, n, device=device)
+def flex_mask(allowed, T, device, **lengths):
+    """A (T, T) pattern as a FlexAttention BlockMask, built once: its tiles that are all False are never computed."""
+    return create_block_mask(lambda b, h, i, j: allowed(i, j, **lengths), None, None, T, T, device=device)
 
 
 def prefill_mask(P, k, n_query=None, n_keys=None, device=None):
@@ -270,9 +270,9 @@ def place_step_mask(own, L, n_keys):
 
 def decode_step_positions(L, k, device=None):
     """Position ids of one decode step: d_a at L + a; block b's slot s at L + b + s (block b starts after d_{b-1})."""
-    d = torch.arange(k, device=device)
-    blocks = torch.arange(1, k + 1, device=device)[:, None] + d[None, :]  # (k, k)
-    return torch.as_tensor(L, device=device)[..., None] + torch.cat([d, blocks.flatten()])  # (k + k*k,) or (N, k + k*k)
+    a = torch.arange(k, device=device)
+    blocks = torch.arange(1, k + 1, device=device)[:, None] + a[None, :]  # (k, k)
+    return torch.as_tensor(L, device=device)[..., None] + torch.cat([a, blocks.flatten()])  # (k + k*k,) or (N, k + k*k)
 
 
 # -----------------------------------------------------------------------------
@@ -358,8 +358,8 @@ class KVCache:
     def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
         max_len = -(-max_len // 16) * 16  # (choice) rounded up: GPU attention kernels pad a mask's rows to this anyway
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # (N,) committed tokens per row
         self.max_len = max_len
 
@@ -367,13 +367,13 @@ class KVCache:
     def device(self):
         return self.length.device
 
-    def write(self, layer, k, v):
-        """Write k, v (N, nh, T, hs) at each row's entries length .. length + T - 1; return the whole buffers."""
-        entries = self.length[:, None] + torch.arange(k.size(2), device=k.device)  # (N, T)
-        index = entries[:, None, :, None].expand_as(k)  # (N, nh, T, hs)
-        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
-        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]  # (N, nh, max_len, hs)
+    def write(self, layer, keys, values):
+        """Write keys, values (N, nh, T, hs) at each row's entries length .. length + T - 1; return the buffers."""
+        entries = self.length[:, None] + torch.arange(keys.size(2), device=keys.device)  # (N, T)
+        index = entries[:, None, :, None].expand_as(keys)  # (N, nh, T, hs)
+        self.keys[layer].scatter_(2, index, keys.to(self.keys.dtype))
+        self.values[layer].scatter_(2, index, values.to(self.values.dtype))
+        return self.keys[layer], self.values[layer]  # (N, nh, max_len, hs)
 
 
 def pick_device(name="auto"):
@@ -391,16 +391,16 @@ def pick_device(name="auto"):
 
 def draw_mask(mask, rows, cols):
     """rows, cols: one (group, label) per query / key; a bar separates groups. '#' = may attend."""
-    new_group = lambda labels: [n > 0 and labels[n][0] != labels[n - 1][0] for n in range(len(labels))]
+    new_group = lambda labels: [i > 0 and labels[i][0] != labels[i - 1][0] for i in range(len(labels))]
     col_bar, row_bar = new_group(cols), new_group(rows)
-    cell = lambda text, n: ("| " if col_bar[n] else "") + f"{text:<2}"
+    cell = lambda text, c: ("| " if col_bar[c] else "") + f"{text:<2}"
     width = max(len(f"{g} {l}") for g, l in rows) + 2
-    groups = "".join(cell(g if n == 0 or col_bar[n] else "", n) for n, (g, l) in enumerate(cols))
-    lines = [" " * width + groups, " " * width + "".join(cell(l, n) for n, (g, l) in enumerate(cols))]
+    groups = "".join(cell(g if c == 0 or col_bar[c] else "", c) for c, (g, l) in enumerate(cols))
+    lines = [" " * width + groups, " " * width + "".join(cell(l, c) for c, (g, l) in enumerate(cols))]
     for r, (g, l) in enumerate(rows):
         if row_bar[r]:
             lines.append(" " * width + "".join(("+-" if c else "") + "--" for c in col_bar))
-        cells = "".join(cell("#" if mask[r, n] else ".", n) for n in range(len(cols)))
+        cells = "".join(cell("#" if mask[r, c] else ".", c) for c in range(len(cols)))
         lines.append(f"{g} {l}".ljust(width) + cells)
     return "\n".join(line.rstrip() for line in lines)
 

@@ -240,7 +240,7 @@ flex = compile and device_type == "cuda"  # FlexAttention BlockMasks: fused only
 torch.manual_seed(seed)
 
 # -----------------------------------------------------------------------------
-# Data: one long stream of token ids per split; a batch is b = batch_size random windows of S + 1 tokens.
+# Data: one long stream of token ids per split; a batch is N = batch_size random windows of S + 1 tokens.
 if not os.path.exists(meta_path):  # the default dataset, not prepared yet
     if master:
         from data.prepare import prepare_pycode
@@ -282,7 +282,7 @@ for split in ("train", "val"):
 
 def get_batch(split, *key):
     """
-    x (b, S) and y (b, S), y being x shifted by one, from b random windows of one split. The windows are a
+    x (N, S) and y (N, S), y being x shifted by one, from N random windows of one split. The windows are a
     function of (seed, split, key) alone (choice): in training key = (rank, n) for this process's n-th
     micro-batch, so a resumed run draws exactly the batches the uninterrupted run would have, and nothing
     about the data order needs saving; key = (i,) gives the i-th val batch, the same at every evaluation.
@@ -290,8 +290,8 @@ def get_batch(split, *key):
     # a fresh memmap every batch: a long-lived one keeps the pages it touched (nanoGPT does the same)
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
     starts = np.random.default_rng([seed, split == "val", *key]).integers(len(data) - seq_len, size=batch_size)
-    chunk = torch.from_numpy(np.stack([data[i : i + seq_len + 1] for i in starts]).astype(np.int64))  # (b, S+1)
-    x, y = chunk[:, :-1], chunk[:, 1:]  # (b, S) each
+    chunk = torch.from_numpy(np.stack([data[i : i + seq_len + 1] for i in starts]).astype(np.int64))  # (N, S+1)
+    x, y = chunk[:, :-1], chunk[:, 1:]  # (N, S) each
     if device_type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)

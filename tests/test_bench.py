@@ -120,9 +120,9 @@ PHASES = ["a-gpu-tests", "b-train", "c1-bench-val", "c2-bench-outside", "c3-benc
 
 
 def reproduce(out, **env):
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
     return subprocess.run(["bash", "reproduce.sh", "--smoke", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-                                   OMP_NUM_THREADS="1", **env))
+                          env={**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", **env})
 
 
 def summary_rows(out):
@@ -141,6 +141,25 @@ def test_reproduce_smoke_runs_every_phase(tmp_path):
     summary = (tmp_path / "results" / "summary.md").read_text()
     assert "eval 20: val loss" in summary and "TiDAR k=4" in summary and "ms/iter" in summary
     assert {"ar", "tidar"} <= set(os.listdir(tmp_path / "results-models"))
+
+
+def test_reproduce_finds_the_python_that_has_torch(tmp_path):
+    """A `python` without the project's packages (as on a GPU machine whose python3 holds torch) is passed
+    over for `python3`; with neither, one line says what to install."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "python").chmod(0o755)
+    python3 = os.path.join(os.path.dirname(sys.executable), "python3")
+    path = os.pathsep.join([str(fake), os.path.dirname(sys.executable), os.environ["PATH"]])
+    r = reproduce(tmp_path / "results", PATH=path, LIMITS="1 1 1 1 1 1 1")
+    assert f"== a-gpu-tests (at most 1s): {python3} -m pytest" in r.stdout, r.stdout + r.stderr
+    (fake / "python3").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "python3").chmod(0o755)
+    r = reproduce(tmp_path / "results", PATH=f"{fake}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    assert r.returncode == 1 and r.stdout.splitlines() == [
+        "reproduce.sh: error: neither python nor python3 has torch, numpy, tiktoken and pytest: pip install -r "
+        "requirements.txt"]
 
 
 def test_reproduce_goes_on_after_a_phase_fails(tmp_path):

@@ -122,6 +122,26 @@ def test_rejection_sampler_is_exact():
         torch.testing.assert_close(out, p, rtol=0, atol=1e-12)
 
 
+
+def test_verify_is_exact_over_every_draw():
+    """verify itself (leading run of acceptances, residual or bonus, the uniforms it uses, the inverse-CDF draw)
+    over every pair of drafts and every point of a uniform grid, each row of one batch: the first new token
+    follows p_0, the next (once d_1 is kept) p_1, the bonus p_2. Quarters, so the grid's counts are exact."""
+    p = torch.tensor([[2, 1, 1], [0, 3, 1], [1, 1, 2]], dtype=torch.float64) / 4  # targets after d_0, d_1, d_2
+    q = torch.tensor([[1, 2, 1], [2, 2, 0]], dtype=torch.float64) / 4  # d_1 ~ q_0, d_2 ~ q_1
+    grid = (torch.arange(4, dtype=torch.float64) + 0.5) / 4
+    rows = [(d, u, q[0, d[0]] * q[1, d[1]] / 64) for d in [(a, b) for a in range(3) for b in range(2)]
+            for u in torch.cartesian_prod(grid, grid, grid)]
+    drafts, u = torch.tensor([d for d, _, _ in rows]), torch.stack([u for _, u, _ in rows])
+    n, y = sample.verify(p.expand(len(rows), -1, -1), q.expand(len(rows), -1, -1), drafts, u)
+    committed = [d[:m] + [t] for d, m, t in zip(drafts.tolist(), n.tolist(), y.tolist())]
+    for i in range(3):  # the (i+1)-th new token, given the i before it were drafts that were kept
+        seen = torch.zeros(3, dtype=torch.float64)
+        for (_, _, w), c, m in zip(rows, committed, n.tolist()):
+            if m >= i:
+                seen[c[i]] += w
+        torch.testing.assert_close(seen / seen.sum(), p[i], rtol=0, atol=1e-12)
+
 # --- sampling is lossless end to end
 
 
@@ -163,7 +183,7 @@ def test_drafts_are_verified_against_the_distribution_they_were_drawn_from(tiny,
                    generator=torch.Generator().manual_seed(0))
     verified = [(n, drafts, q) for n, (what, drafts, q) in enumerate(events) if what == "verified"]
     assert len(verified) >= 3
-    for n, drafts, q in verified:  # the last draw of (B, k-1) tokens before it: the drafts it verifies
+    for n, drafts, q in verified:  # the last draw of (N, k-1) tokens before it: the drafts it verifies
         _, drawn, drawn_from = [e for e in events[:n] if e[0] == "drawn" and e[1].shape == drafts.shape][-1]
         assert torch.equal(drawn, drafts) and torch.equal(drawn_from, q)
 
@@ -258,7 +278,7 @@ def fresh_kv(model, tokens):
     n = len(tokens)
     cache = KVCache(model.config, 1, n, dtype=torch.float64)
     model(torch.tensor([tokens]), torch.arange(n), causal_mask(n, 0, cache.max_len), cache)
-    return cache.k[:, 0, :, :n], cache.v[:, 0, :, :n]
+    return cache.keys[:, 0, :, :n], cache.values[:, 0, :, :n]
 
 
 @pytest.mark.parametrize("batch", [
@@ -281,7 +301,7 @@ def test_every_step_is_one_exact_cached_forward(tiny, batch):
         idx, pos, mask, cache = args
         calls[-1] = (idx.clone(), *calls[-1], out.clone())
 
-    snapshot = lambda cache: (cache.length.clone(), cache.k.clone(), cache.v.clone())
+    snapshot = lambda cache: (cache.length.clone(), cache.keys.clone(), cache.values.clone())
     model.register_forward_pre_hook(lambda mod, args: calls.append(snapshot(args[3])))
     model.register_forward_hook(record)
     outs, stats = generate_tidar(model, prompts if len(batch) > 1 else prompts[0], n_new, draft_len=k)
@@ -451,8 +471,8 @@ def test_the_drafter_sees_exactly_the_committed_text(tiny):
             starts.append(L)
             assert pos[0].tolist() == [L, L + 1] and idx[0].tolist() == truth[L : L + 2]
             ref_k, ref_v = fresh_kv(drafter, truth[:L])
-            torch.testing.assert_close(cache.k[:, 0, :, :L], ref_k, rtol=0, atol=1e-12)
-            torch.testing.assert_close(cache.v[:, 0, :, :L], ref_v, rtol=0, atol=1e-12)
+            torch.testing.assert_close(cache.keys[:, 0, :, :L], ref_k, rtol=0, atol=1e-12)
+            torch.testing.assert_close(cache.values[:, 0, :, :L], ref_v, rtol=0, atol=1e-12)
 
     drafter.register_forward_pre_hook(check)
     out, stats = generate_speculative(tiny, drafter, prompt, 30, draft_len=3)

@@ -182,10 +182,10 @@ def test_rollback_is_exact(tiny, n):
     ref = fresh_cache(tiny, committed)
     L = len(committed)
     assert cache.length.item() == ref.length.item() == L
-    torch.testing.assert_close(cache.k[:, :, :, :L], ref.k[:, :, :, :L], rtol=0, atol=1e-12)
-    torch.testing.assert_close(cache.v[:, :, :, :L], ref.v[:, :, :, :L], rtol=0, atol=1e-12)
+    torch.testing.assert_close(cache.keys[:, :, :, :L], ref.keys[:, :, :, :L], rtol=0, atol=1e-12)
+    torch.testing.assert_close(cache.values[:, :, :, :L], ref.values[:, :, :, :L], rtol=0, atol=1e-12)
     # the next step sees nothing of what was rolled back (drafts, or the [MASK] rows left in the buffer)
-    assert not torch.equal(cache.k[:, :, :, L : L + 4], ref.k[:, :, :, L : L + 4])  # scratch rows are really there
+    assert not torch.equal(cache.keys[:, :, :, L : L + 4], ref.keys[:, :, :, L : L + 4])  # scratch rows are there
     nxt = [3, 1, 4, 1]
     torch.testing.assert_close(decode_step(tiny, cache, nxt), decode_step(tiny, ref, nxt), rtol=0, atol=1e-12)
 
@@ -229,20 +229,20 @@ def test_attention_honours_the_bool_mask(per_row, as_given):
     torch.manual_seed(1)
     config = GPTConfig(n_embd=16, n_head=2, seq_len=16)
     attn = SelfAttention(config, 0).double()
-    B, T, C, nh = 2, 7, 16, 2
-    x = torch.randn(B, T, C, dtype=torch.float64)
-    mask = torch.rand(B if per_row else 1, T, T) < 0.5
+    N, T, C, nh = 2, 7, 16, 2
+    x = torch.randn(N, T, C, dtype=torch.float64)
+    mask = torch.rand(N if per_row else 1, T, T) < 0.5
     mask[:, torch.arange(T), torch.randint(0, T, (T,))] = True  # no empty row
-    mask = mask[:, None] if per_row else mask[0]  # (B, 1, T, T) as GPT.forward passes it, or (T, T)
+    mask = mask[:, None] if per_row else mask[0]  # (N, 1, T, T) as GPT.forward passes it, or (T, T)
     cos, sin = torch.randn(T, 8, dtype=torch.float64), torch.randn(T, 8, dtype=torch.float64)
     out = attn(x, cos, sin, mask if as_given == "bool" else additive_mask(mask, torch.float64))
     # the same computation by hand
     q, k, v = attn.c_attn(x).split(C, dim=2)
-    q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.view(N, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(C // nh)
     att = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    ref = attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+    ref = attn.c_proj((att @ v).transpose(1, 2).reshape(N, T, C))
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     assert not torch.allclose(out, attn(x, cos, sin, torch.ones(T, T, dtype=torch.bool).tril()))
 
@@ -281,18 +281,18 @@ def test_cuda_attention_honours_the_decode_mask(dtype, atol):
     scratch slots full of garbage stay hidden, as they must when a kernel would rather ignore the mask."""
     torch.manual_seed(0)
     config = GPTConfig(n_layer=1, n_head=2, n_embd=128, seq_len=64)
-    attn, B, k, C = SelfAttention(config, 0).double(), 2, 4, 128
+    attn, N, k, C = SelfAttention(config, 0).double(), 2, 4, 128
     T, L = k + k * k, torch.tensor([5, 17])
-    cache = KVCache(config, B, 48, dtype=torch.float64)
-    cache.k.normal_(), cache.v.normal_()
-    for b in range(B):  # past the committed rows and this step's own: never to be seen
-        cache.k[:, b, :, L[b] + T :], cache.v[:, b, :, L[b] + T :] = 100.0, 100.0
-    x, cos, sin = torch.randn(B, T, C, dtype=torch.float64), torch.randn(T, 64), torch.randn(T, 64)
-    mask = decode_step_mask(L, k, cache.max_len)[:, None]  # (B, 1, T, K)
+    cache = KVCache(config, N, 48, dtype=torch.float64)
+    cache.keys.normal_(), cache.values.normal_()
+    for i in range(N):  # past the committed rows and this step's own: never to be seen
+        cache.keys[:, i, :, L[i] + T :], cache.values[:, i, :, L[i] + T :] = 100.0, 100.0
+    x, cos, sin = torch.randn(N, T, C, dtype=torch.float64), torch.randn(T, 64), torch.randn(T, 64)
+    mask = decode_step_mask(L, k, cache.max_len)[:, None]  # (N, 1, T, n_keys)
 
     def attend(device, dtype):
-        c = KVCache(config, B, 48, device, dtype)
-        c.k.copy_(cache.k), c.v.copy_(cache.v), c.length.copy_(L)
+        c = KVCache(config, N, 48, device, dtype)
+        c.keys.copy_(cache.keys), c.values.copy_(cache.values), c.length.copy_(L)
         to = lambda t: t.to(device, dtype)
         return attn.to(device, dtype)(to(x), to(cos), to(sin), additive_mask(mask.to(device), dtype), c).double().cpu()
 
