@@ -450,13 +450,17 @@ try:
             lossf = loss.item()  # the last micro-step's; .item() waits for the device, so only every few steps
             check_finite("loss", lossf)
             dt = (time.time() - t0) / (iter_num - t_iter)
-            evals_left = max_iters // eval_interval - iter_num // eval_interval + (max_iters % eval_interval > 0)
-            left = dt * (max_iters - iter_num) + evals_left * eval_time
+            # In the AR stage the time left is that stage's: a TiDAR step's cost is not known before one has run.
+            end = ar_iters if objective == "tidar" and iter_num < ar_iters else max_iters
+            evals_left = end // eval_interval - iter_num // eval_interval + (end == max_iters and end % eval_interval > 0)
+            left = dt * (end - iter_num) + evals_left * eval_time
+            then = f" of the AR stage, then {max_iters - end} TiDAR steps" if end < max_iters else ""
             t0, t_iter = time.time(), iter_num
             if master:
                 terms = f"ar {ar.item():.4f}" + (f", diff {diff.item():.4f}" if diff is not None else "")
                 print(f"iter {iter_num}: loss {lossf:.4f} ({terms}), lr {lr_now:.2e}, {1000 * dt:.0f} ms/iter, "
-                      f"{tokens_per_iter / dt:,.0f} tok/s, {int(left) // 60}m{int(left) % 60:02d}s left", flush=True)
+                      f"{tokens_per_iter / dt:,.0f} tok/s, {int(left) // 60}m{int(left) % 60:02d}s left{then}",
+                      flush=True)
 except KeyboardInterrupt:
     stop_interrupted(f"at iter {iter_num}")
 if master:

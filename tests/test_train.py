@@ -411,6 +411,9 @@ def test_ar_iters_trains_the_ar_stage_first_in_one_run(trained, ar_run, tmp_path
     assert re.search(r"iter 20: loss ([\d.]+) \(ar \1\), lr", r.stdout)  # the AR term alone
     assert re.search(r"iter 30: loss [\d.]+ \(ar [\d.]+, diff [\d.]+\), lr", r.stdout)
     assert ev[2][3] < ev[1][3] - 0.5
+    # the time left: in the AR stage that stage's (a TiDAR step has not run yet), then the run's
+    assert re.search(r"iter 10: .* tok/s, \d+m\d\ds left of the AR stage, then 20 TiDAR steps\n", r.stdout)
+    assert re.search(r"iter 30: .* tok/s, \d+m\d\ds left\n", r.stdout)
 
 
 @pytest.mark.parametrize("start", ["scratch", "from AR"])
