@@ -67,7 +67,7 @@ seed = 1337  # >= 0; fixes the initialisation and every batch
 # With no GPU (the device resolves to cpu) a fresh run takes these values instead, except those set on the
 # command line: 3800 AR steps, then 1400 TiDAR steps, in about the time of 2800 TiDAR steps from scratch (an AR
 # step costs about 0.4 of one here), for a far better AR loss and drafts as good (README, "Continual pretraining").
-# Measured on 2 cores of an AMD EPYC, torch 2.14.1: 13 min 54 s (115 ms per AR step, 266 per TiDAR step).
+# Measured on 2 cores of an AMD EPYC, torch 2.14.1: 13 to 14 min (98-115 ms per AR step, 256-266 per TiDAR step).
 # Time on the CPU goes to the doubled sequence's attention; the shape, context and learning rate were chosen
 # by short runs of equal time.
 cpu_preset = dict(n_layer=4, n_head=2, n_embd=128, seq_len=256, block_len=8, batch_size=6, ar_iters=3800,
