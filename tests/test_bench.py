@@ -148,14 +148,17 @@ def test_reproduce_finds_the_python_that_has_torch(tmp_path):
     over for `python3`; with neither, one line says what to install."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "python").write_text("#!/bin/sh\nexit 1\n")
-    (fake / "python").chmod(0o755)
+
+    def without_packages(name):  # an interpreter that fails every import check
+        (fake / name).write_text("#!/bin/sh\nexit 1\n")
+        (fake / name).chmod(0o755)
+
+    without_packages("python")
     python3 = os.path.join(os.path.dirname(sys.executable), "python3")
     path = os.pathsep.join([str(fake), os.path.dirname(sys.executable), os.environ["PATH"]])
     r = reproduce(tmp_path / "results", PATH=path, LIMITS="1 1 1 1 1 1 1")
     assert f"== a-gpu-tests (at most 1s): {python3} -m pytest" in r.stdout, r.stdout + r.stderr
-    (fake / "python3").write_text("#!/bin/sh\nexit 1\n")
-    (fake / "python3").chmod(0o755)
+    without_packages("python3")
     r = reproduce(tmp_path / "results", PATH=f"{fake}{os.pathsep}/usr/bin{os.pathsep}/bin")
     assert r.returncode == 1 and r.stdout.splitlines() == [
         "reproduce.sh: error: neither python nor python3 has torch, numpy, tiktoken and pytest: pip install -r "

@@ -122,7 +122,6 @@ def test_rejection_sampler_is_exact():
         torch.testing.assert_close(out, p, rtol=0, atol=1e-12)
 
 
-
 def test_verify_is_exact_over_every_draw():
     """verify itself (leading run of acceptances, residual or bonus, the uniforms it uses, the inverse-CDF draw)
     over every pair of drafts and every point of a uniform grid, each row of one batch: the first new token
@@ -141,6 +140,7 @@ def test_verify_is_exact_over_every_draw():
             if m >= i:
                 seen[c[i]] += w
         torch.testing.assert_close(seen / seen.sum(), p[i], rtol=0, atol=1e-12)
+
 
 # --- sampling is lossless end to end
 
