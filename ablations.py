@@ -8,6 +8,9 @@ can run, each table printed beside the paper's numbers. Greedy, batch 1, held-ou
   4. how a TiDAR model is made: from scratch, or from an AR model's weights as the paper makes all of its
      models (continual pretraining), with other alphas: val losses, draft accuracy, drafts
      accepted, speed
+  5. the drafts' ceiling: how often each offset's draft is the AR model's own greedy token, for the one-step
+     diffusion's drafts and for the AR model's own marginals at that offset (what the diffusion loss trains
+     toward), and the tokens per forward each would give: how much better the drafts of this model could be
 
     python ablations.py --out_dir=out --block_dirs=out-b4,out,out-b16 --drafter_dir=out-drafter
     python ablations.py --tables=4 --recipe_dirs=out-scratch,out,out-a03 --ar_dir=out-ar
@@ -31,9 +34,9 @@ from sample import generate_ar, generate_speculative, generate_tidar, load_check
 from tidar import causal_mask, evaluate_batch, pick_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-parser.add_argument("--tables", default="1,2,3,4", help="comma-separated: which tables to print (2, 3 and 4 need "
+parser.add_argument("--tables", default="1,2,3,4,5", help="comma-separated: which tables to print (2, 3 and 4 need "
                     "the checkpoints named below)")
-parser.add_argument("--out_dir", default="out", help="the TiDAR checkpoint of tables 1 and 3")
+parser.add_argument("--out_dir", default="out", help="the TiDAR checkpoint of tables 1, 3 and 5")
 parser.add_argument("--block_dirs", default="", help="comma-separated TiDAR checkpoints trained with different B")
 parser.add_argument("--drafter_dir", default="", help="a small AR checkpoint (--objective=ar) on the same data")
 parser.add_argument("--recipe_dirs", default="", help="comma-separated TiDAR checkpoints made different ways "
@@ -43,7 +46,7 @@ parser.add_argument("--prompts", default="val", help="'val' (the val split of --
                     "of .py files, as in bench.py")
 parser.add_argument("--data_dir", default=os.path.join(DATA_DIR, "pycode"), help="the dataset: val prompts, and "
                     "table 4's val windows (default: data/pycode beside ablations.py)")
-parser.add_argument("--draft_lens", default="4,8,16", help="k for tables 2 and 4")
+parser.add_argument("--draft_lens", default="4,8,16", help="k for tables 2 and 4; table 5 takes the smallest")
 parser.add_argument("--speculative_lens", default="2,4,8", help="drafter proposals per step for table 3")
 parser.add_argument("--num_prompts", type=int, default=16)
 parser.add_argument("--prompt_len", type=int, default=64)
@@ -177,6 +180,120 @@ def table_recipes(recipe_dirs, ar_dir, models, draft_lens, prompts, max_new_toke
     print("paper: TiDAR 1.5B and 8B are continual pretraining of Qwen2.5 1.5B and Qwen3 8B, never trained from scratch")
 
 
+def side_forward(model, seq, groups, both_ways):
+    """
+    One forward of seq (causal) and, beside it, each group (t, tokens): its tokens at positions t, t+1, ...,
+    seeing seq[:t] and their own group, causally (a path that branches off seq after seq[:t]) or both ways (a
+    block of [MASK]s after seq[:t], as in decoding). No group sees another. Returns each group's logits.
+    """
+    T, device = len(seq), next(model.parameters()).device
+    tokens = torch.tensor([tok for _, g in groups for tok in g], device=device)
+    start = torch.tensor([t for t, g in groups for _ in g], device=device)
+    group = torch.tensor([i for i, (_, g) in enumerate(groups) for _ in g], device=device)
+    depth = torch.cat([torch.arange(len(g), device=device) for _, g in groups])
+    i = torch.arange(T, device=device)
+    mask = torch.cat([
+        torch.cat([causal_mask(T, device=device), torch.zeros(T, len(tokens), dtype=torch.bool, device=device)], 1),
+        torch.cat([i[None, :] < start[:, None],
+                   (group[:, None] == group[None, :]) & (both_ways | (depth[None, :] <= depth[:, None]))], 1),
+    ])
+    idx = torch.cat([torch.tensor(seq, device=device), tokens])[None]
+    logits = model(idx, torch.cat([i, start + depth]), mask)[0, T:]
+    return logits.split([len(g) for _, g in groups])
+
+
+def chunks(groups, size=1024):
+    """groups in runs of about `size` tokens, for side_forward: the mask grows with the square of its queries."""
+    run, n = [], 0
+    for g in groups:
+        run, n = run + [g], n + len(g[1])
+        if n >= size:
+            yield run
+            run, n = [], 0
+    if run:
+        yield run
+
+
+@torch.no_grad()
+def diffusion_drafts(model, seq, starts, k):
+    """The drafts of a block of k [MASK]s after seq[:t], for each t: {t: argmax of slots 0 .. k-1}."""
+    groups = [(t, [model.config.mask_id] * k) for t in starts]
+    logits = [lg for run in chunks(groups) for lg in side_forward(model, seq, run, both_ways=True)]
+    return {t: lg.argmax(-1).tolist() for t, lg in zip(starts, logits)}
+
+
+@torch.no_grad()
+def marginal_drafts(model, seq, starts, k, beam=64):
+    """
+    For each t, the token the AR model finds most likely at positions t+1 .. t+k-1 given seq[:t] alone, its
+    probability summed over the tokens in between (the `beam` most likely paths to each depth): the drafts of
+    a one-step diffusion exactly as good as this AR model (the diffusion loss trains slot j toward the
+    distribution of the token j places past the context). Returns {t: [None, d_1 .. d_{k-1}]} and the
+    probability the beam held at each depth, averaged over t.
+    """
+    device = next(model.parameters()).device
+    causal = model(torch.tensor([seq], device=device), torch.arange(len(seq), device=device),
+                   causal_mask(len(seq), device=device))[0]  # causal[t - 1]: for the token at t, given seq[:t]
+    # the beam after each seq[:t]: its paths' tokens (n, j) and probabilities (n,); at first the empty path
+    paths = {t: (torch.zeros(1, 0, dtype=torch.long, device=device), torch.ones(1, device=device)) for t in starts}
+    drafts, held = {t: [None] for t in starts}, []
+    for j in range(k):  # after[t]: the distribution of the token at t + j after each path (n, V)
+        if j == 0:
+            after = {t: torch.softmax(causal[t - 1], -1)[None] for t in starts}
+        else:
+            groups = [(t, path.tolist()) for t in starts for path in paths[t][0]]
+            logits = torch.cat([lg[-1:] for run in chunks(groups) for lg in side_forward(model, seq, run, False)])
+            after = dict(zip(starts, torch.softmax(logits, -1).split([len(paths[t][1]) for t in starts])))
+            held.append(np.mean([paths[t][1].sum().item() for t in starts]))
+        for t in starts:
+            tokens, prob = paths[t]
+            joint = prob[:, None] * after[t]  # (n, V): each path, then each token at position t + j
+            if j > 0:
+                drafts[t].append(joint.sum(0).argmax().item())
+            top = joint.flatten().topk(min(beam, joint.numel()))
+            V = joint.size(1)
+            paths[t] = (torch.cat([tokens[top.indices // V], (top.indices % V)[:, None]], 1), top.values)
+    return drafts, held
+
+
+def forwards_needed(seq, P, drafts, k):
+    """
+    Lossless greedy TiDAR's forwards to commit seq[P:], the AR model's greedy text, with the drafts given: the
+    prefill decides seq[P]; a step with d_0 at L accepts drafts[L][j] while it is seq[L + j], and decides one
+    more token (README, "Decoding: one forward per step").
+    """
+    forwards, L = 1, P
+    while L < len(seq) - 1:
+        n = 0
+        while n + 1 < k and L + n + 1 < len(seq) and drafts[L][n + 1] == seq[L + n + 1]:
+            n += 1
+        forwards, L = forwards + 1, L + n + 1
+    return forwards
+
+
+def table_ceiling(model, k, prompts, max_new_tokens, device):
+    print(f"\n5. the drafts' ceiling, k = {k}: how often each offset's draft is the AR model's greedy token, for the "
+          "one-step diffusion's drafts and for the AR model's own marginals (a drafter as good as the AR model)")
+    agree, forwards, tokens, held = {}, {}, 0, []
+    for p in prompts:
+        seq = p + generate_ar(model, p, max_new_tokens)  # what lossless greedy TiDAR commits
+        starts = range(len(p), len(seq))  # every place a block can start
+        ideal, h = marginal_drafts(model, seq, starts, k)
+        held.append(h)
+        tokens += len(seq) - len(p)
+        for name, drafts in (("diffusion", diffusion_drafts(model, seq, starts, k)), ("AR marginals", ideal)):
+            hits = [[t + j < len(seq) and drafts[t][j] == seq[t + j] for j in range(1, k)] for t in starts]
+            agree[name] = agree.get(name, 0) + np.sum(hits, 0)
+            forwards[name] = forwards.get(name, 0) + forwards_needed(seq, len(p), drafts, k)
+    n, f, *_ = measure(lambda p: generate_tidar(model, p, max_new_tokens, k), prompts, device)
+    print(f"{'drafts':>13}" + "".join(f" {'offset ' + str(j):>9}" for j in range(1, k)) + f" {'tok/fwd':>8}")
+    for name in agree:
+        print(f"{name:>13}" + "".join(f" {100 * a / tokens:8.0f}%" for a in agree[name])
+              + f" {tokens / forwards[name]:8.2f}")
+    print(f"(the beam held {', '.join(f'{100 * h:.0f}%' for h in np.mean(held, 0))} of the probability at offsets "
+          f"1 .. {k - 1}; generate_tidar's own count: {n / f:.2f} tokens per forward)")
+
+
 def main(args):
     try:
         args.device = pick_device(args.device)
@@ -189,8 +306,8 @@ def main(args):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name}={getattr(args, name)}: must be at least 1", 2)
     block_dirs, recipe_dirs = ([d for d in dirs.split(",") if d] for dirs in (args.block_dirs, args.recipe_dirs))
-    # the TiDAR models each table decodes: 1 and 3 the one in out_dir, 2 those of block_dirs, 4 those of recipe_dirs
-    decoded = [args.out_dir] * bool(tables & {1, 3}) + block_dirs * (2 in tables) + recipe_dirs * (4 in tables)
+    # the TiDAR models each table decodes: 1, 3 and 5 the one in out_dir, 2 those of block_dirs, 4 those of recipe_dirs
+    decoded = [args.out_dir] * bool(tables & {1, 3, 5}) + block_dirs * (2 in tables) + recipe_dirs * (4 in tables)
     models, enc = {}, None
     for d in decoded + [args.drafter_dir] * (3 in tables) + [args.ar_dir] * (4 in tables and bool(recipe_dirs)):
         if d and d not in models:
@@ -225,6 +342,8 @@ def main(args):
     if 4 in tables and recipe_dirs:
         table_recipes(recipe_dirs, args.ar_dir, models, draft_lens, prompts, args.max_new_tokens, args.data_dir,
                       args.val_windows, args.device)
+    if 5 in tables:
+        table_ceiling(models[args.out_dir], min(draft_lens), prompts, args.max_new_tokens, args.device)
 
 
 if __name__ == "__main__":

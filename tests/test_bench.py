@@ -1,5 +1,6 @@
 """bench.py, ablations.py and reproduce.sh run end to end on the CPU with tiny models; their figures are printed, not
-asserted."""
+asserted. What ablations.py's table 5 computes offline (drafts beside one forward, the AR model's marginals, the
+forwards of a decoding) is checked against decoding and brute force."""
 import json
 import os
 import signal
@@ -8,10 +9,15 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from dataclasses import replace
 
+import ablations
 import bench
 from conftest import BYTE_MODEL, ROOT, write_checkpoint
+from sample import generate_ar, generate_tidar
+from tidar import causal_mask, prefill_mask
+from test_sample import Drafts, random_prompt
 
 SMALL = ["--device", "cpu", "--draft_lens", "2,4", "--num_prompts", "2", "--batches", "1,3", "--prompt_len", "8",
          "--max_new_tokens", "16", "--cache_len", "16", "--max_queries", "128", "--train_batch", "2", "--repeats", "1"]
@@ -112,7 +118,55 @@ def test_ablations_run_on_cpu(tmp_path):
     spec = [line for line in lines if line.lstrip().startswith("speculative k=")]
     assert len(spec) == 2 and all(line.endswith("True") for line in spec)
     assert "EAGLE-3" in run.stdout and "3.51" in run.stdout and "7.45" in run.stdout
+    rows = {line.split("%")[0].split()[0]: line.split()[-1] for line in lines if line.endswith(tuple("0123456789"))
+            and line.lstrip().startswith(("diffusion ", "AR marginals "))}
+    count = lines[-1].split("own count: ")[1].split()[0]
+    assert set(rows) == {"diffusion", "AR"} and rows["diffusion"] == count  # table 5's offline count is decoding's
     print(run.stdout)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("mode", ["model", "noisy", "oracle"])
+def test_ceiling_counts_forwards_as_decoding_does(tiny, k, mode):
+    """Table 5 counts forwards offline, from the drafts of a block at every place one can start; with the
+    model's own drafts that is generate_tidar's count, whether drafts are rejected, partly or all accepted."""
+    for seed in range(2):
+        prompt = random_prompt(seed, n=3 + seed)
+        seq = prompt + generate_ar(tiny, prompt, 20)
+        drafter = tiny if mode == "model" else Drafts(tiny, [seq], [mode])
+        drafts = ablations.diffusion_drafts(drafter, seq, range(len(prompt), len(seq)), k)
+        _, stats = generate_tidar(drafter, prompt, 20, draft_len=k)
+        assert ablations.forwards_needed(seq, len(prompt), drafts, k) == stats["forwards"], f"seed {seed}"
+
+
+def test_side_forward_is_a_plain_forward_of_each_branch(tiny):
+    """Each group beside table 5's one forward gets the logits of a forward of its own context alone: a path, a
+    causal forward of seq[:t] and the path; a block of [MASK]s, a prefill of seq[:t] and the block."""
+    seq, m = random_prompt(1, n=9), tiny.config.mask_id
+    for both_ways, groups, mask in ((False, [(2, [3, 4, 5]), (7, [1]), (9, [6, 2])], lambda t, n: causal_mask(t + n)),
+                                    (True, [(3, [m] * 4), (9, [m] * 4), (1, [m] * 2)], prefill_mask)):
+        for (t, tokens), logits in zip(groups, ablations.side_forward(tiny, seq, groups, both_ways)):
+            x = torch.tensor([seq[:t] + tokens])
+            alone = tiny(x, torch.arange(x.size(1)), mask(t, len(tokens)))[0, t:]
+            torch.testing.assert_close(logits, alone)
+
+
+def test_ceiling_marginals_sum_over_every_path(tiny):
+    """With a beam as wide as every path, table 5's ideal drafts are the argmax of the AR model's exact marginal
+    at each offset: brute force, one causal forward for each pair of tokens after the context."""
+    with torch.no_grad():  # weights twice their init: a context that matters more, and distributions not yet peaked
+        for w in tiny.parameters():
+            w.mul_(2)
+    seq, k, V = random_prompt(0, n=8), 3, tiny.config.vocab_size
+    drafts, held = ablations.marginal_drafts(tiny, seq, range(1, 9), k, beam=V * V)
+    assert held == pytest.approx([1.0, 1.0])
+    for t in range(1, 9):
+        pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # (V*V, 2): the tokens at t and t + 1
+        x = torch.cat([torch.tensor(seq[:t]).expand(V * V, t), pairs], 1)
+        p = torch.softmax(tiny(x, torch.arange(t + 2), causal_mask(t + 2)), -1)[:, t - 1 :]  # (V*V, 3, V)
+        path = p[:, 0].gather(1, pairs[:, :1])[:, 0] * p[:, 1].gather(1, pairs[:, 1:])[:, 0]  # p(a) p(b | a)
+        offset1 = p[::V, 1] * p[::V, 0].gather(1, pairs[::V, :1])  # a = 0 .. V-1: p(a) p(. | a)
+        assert drafts[t] == [None, offset1.sum(0).argmax().item(), (path[:, None] * p[:, 2]).sum(0).argmax().item()]
 
 
 PHASES = ["a-gpu-tests", "b-train", "c1-bench-val", "c2-bench-outside", "c3-bench-sweeps", "d-bench-training-graphs",
