@@ -8,9 +8,9 @@ can run, each table printed beside the paper's numbers. Greedy, batch 1, held-ou
   4. how a TiDAR model is made: from scratch, or from an AR model's weights as the paper makes all of its
      models (continual pretraining), with other alphas: val losses, draft accuracy, drafts
      accepted, speed
-  5. the drafts' ceiling: how often each offset's draft is the AR model's own greedy token, for the one-step
-     diffusion's drafts and for the AR model's own marginals at that offset (what the diffusion loss trains
-     toward), and the tokens per forward each would give: how much better the drafts of this model could be
+  5. the drafts' target: how often each offset's draft is the AR model's own greedy token, for the one-step
+     diffusion's drafts and for the argmax of the AR model's own marginal at that offset (what the diffusion
+     loss trains toward, as the AR model estimates it), and the tokens per forward each would give
 
     python ablations.py --out_dir=out --block_dirs=out-b4,out,out-b16 --drafter_dir=out-drafter
     python ablations.py --tables=4 --recipe_dirs=out-scratch,out,out-a03 --ar_dir=out-ar
@@ -180,11 +180,12 @@ def table_recipes(recipe_dirs, ar_dir, models, draft_lens, prompts, max_new_toke
     print("paper: TiDAR 1.5B and 8B are continual pretraining of Qwen2.5 1.5B and Qwen3 8B, never trained from scratch")
 
 
-def side_forward(model, seq, groups, both_ways):
+def side_forward(model, seq, groups):
     """
     One forward of seq (causal) and, beside it, each group (t, tokens): its tokens at positions t, t+1, ...,
-    seeing seq[:t] and their own group, causally (a path that branches off seq after seq[:t]) or both ways (a
-    block of [MASK]s after seq[:t], as in decoding). No group sees another. Returns each group's logits.
+    seeing seq[:t] and their own group; a group of [MASK]s both ways (a block after seq[:t], as in decoding),
+    any other causally (a path that branches off seq after seq[:t]). No group sees another. Returns each
+    group's logits.
     """
     T, device = len(seq), next(model.parameters()).device
     tokens = torch.tensor([tok for _, g in groups for tok in g], device=device)
@@ -192,11 +193,11 @@ def side_forward(model, seq, groups, both_ways):
     group = torch.tensor([i for i, (_, g) in enumerate(groups) for _ in g], device=device)
     depth = torch.cat([torch.arange(len(g), device=device) for _, g in groups])
     i = torch.arange(T, device=device)
-    mask = torch.cat([
-        torch.cat([causal_mask(T, device=device), torch.zeros(T, len(tokens), dtype=torch.bool, device=device)], 1),
-        torch.cat([i[None, :] < start[:, None],
-                   (group[:, None] == group[None, :]) & (both_ways | (depth[None, :] <= depth[:, None]))], 1),
-    ])
+    block = (tokens == model.config.mask_id)[:, None]  # a [MASK] sees its whole group, a path token those before it
+    own = (group[:, None] == group[None, :]) & (block | (depth <= depth[:, None]))
+    seen = torch.cat([i[None, :] < start[:, None], own], 1)  # (group tokens, keys): seq[:t], then their own group
+    hidden = torch.zeros(T, len(tokens), dtype=torch.bool, device=device)  # seq sees no group
+    mask = torch.cat([torch.cat([causal_mask(T, device=device), hidden], 1), seen])
     idx = torch.cat([torch.tensor(seq, device=device), tokens])[None]
     logits = model(idx, torch.cat([i, start + depth]), mask)[0, T:]
     return logits.split([len(g) for _, g in groups])
@@ -218,7 +219,7 @@ def chunks(groups, size=1024):
 def diffusion_drafts(model, seq, starts, k):
     """The drafts of a block of k [MASK]s after seq[:t], for each t: {t: argmax of slots 0 .. k-1}."""
     groups = [(t, [model.config.mask_id] * k) for t in starts]
-    logits = [lg for run in chunks(groups) for lg in side_forward(model, seq, run, both_ways=True)]
+    logits = [lg for run in chunks(groups) for lg in side_forward(model, seq, run)]
     return {t: lg.argmax(-1).tolist() for t, lg in zip(starts, logits)}
 
 
@@ -226,33 +227,28 @@ def diffusion_drafts(model, seq, starts, k):
 def marginal_drafts(model, seq, starts, k, beam=64):
     """
     For each t, the token the AR model finds most likely at positions t+1 .. t+k-1 given seq[:t] alone, its
-    probability summed over the tokens in between (the `beam` most likely paths to each depth): the drafts of
-    a one-step diffusion exactly as good as this AR model (the diffusion loss trains slot j toward the
-    distribution of the token j places past the context). Returns {t: [None, d_1 .. d_{k-1}]} and the
-    probability the beam held at each depth, averaged over t.
+    probability summed over the tokens in between (a beam of the `beam` most likely paths to each depth):
+    the drafts of a one-step diffusion whose slot j had learned exactly this AR model's distribution of the
+    token j places past the context (the diffusion loss's target, with the AR model standing in for the
+    data). Returns {t: [None, d_1 .. d_{k-1}]} and the probability the beam held at each offset, averaged.
     """
     device = next(model.parameters()).device
     causal = model(torch.tensor([seq], device=device), torch.arange(len(seq), device=device),
                    causal_mask(len(seq), device=device))[0]  # causal[t - 1]: for the token at t, given seq[:t]
-    # the beam after each seq[:t]: its paths' tokens (n, j) and probabilities (n,); at first the empty path
-    paths = {t: (torch.zeros(1, 0, dtype=torch.long, device=device), torch.ones(1, device=device)) for t in starts}
+    joint = {t: torch.softmax(causal[t - 1], -1)[None] for t in starts}  # (paths, V): each path, then a token
+    paths = {t: torch.zeros(1, 0, dtype=torch.long, device=device) for t in starts}  # (paths, j): their tokens
     drafts, held = {t: [None] for t in starts}, []
-    for j in range(k):  # after[t]: the distribution of the token at t + j after each path (n, V)
-        if j == 0:
-            after = {t: torch.softmax(causal[t - 1], -1)[None] for t in starts}
-        else:
-            groups = [(t, path.tolist()) for t in starts for path in paths[t][0]]
-            logits = torch.cat([lg[-1:] for run in chunks(groups) for lg in side_forward(model, seq, run, False)])
-            after = dict(zip(starts, torch.softmax(logits, -1).split([len(paths[t][1]) for t in starts])))
-            held.append(np.mean([paths[t][1].sum().item() for t in starts]))
-        for t in starts:
-            tokens, prob = paths[t]
-            joint = prob[:, None] * after[t]  # (n, V): each path, then each token at position t + j
-            if j > 0:
-                drafts[t].append(joint.sum(0).argmax().item())
-            top = joint.flatten().topk(min(beam, joint.numel()))
-            V = joint.size(1)
-            paths[t] = (torch.cat([tokens[top.indices // V], (top.indices % V)[:, None]], 1), top.values)
+    for j in range(1, k):
+        prob = {}
+        for t in starts:  # keep the `beam` most likely paths to position t + j - 1
+            top, V = joint[t].flatten().topk(min(beam, joint[t].numel())), joint[t].size(1)
+            paths[t], prob[t] = torch.cat([paths[t][top.indices // V], (top.indices % V)[:, None]], 1), top.values
+        held.append(np.mean([prob[t].sum().item() for t in starts]))
+        groups = [(t, path.tolist()) for t in starts for path in paths[t]]
+        logits = torch.cat([lg[-1:] for run in chunks(groups) for lg in side_forward(model, seq, run)])
+        for t, after in zip(starts, torch.softmax(logits, -1).split([len(paths[t]) for t in starts])):
+            joint[t] = prob[t][:, None] * after  # after: the token at t + j, after each path
+            drafts[t].append(joint[t].sum(0).argmax().item())
     return drafts, held
 
 
@@ -271,27 +267,28 @@ def forwards_needed(seq, P, drafts, k):
     return forwards
 
 
-def table_ceiling(model, k, prompts, max_new_tokens, device):
-    print(f"\n5. the drafts' ceiling, k = {k}: how often each offset's draft is the AR model's greedy token, for the "
-          "one-step diffusion's drafts and for the AR model's own marginals (a drafter as good as the AR model)")
-    agree, forwards, tokens, held = {}, {}, 0, []
+def table_target(model, k, prompts, max_new_tokens):
+    print(f"\n5. the drafts' target, k = {k}: how often each offset's draft is the AR model's greedy token, for the "
+          "one-step diffusion's drafts and for the argmax of the AR model's own marginals (the diffusion's target)")
+    agree, forwards, tokens, positions, held = {}, {}, 0, np.zeros(k - 1), []
     for p in prompts:
         seq = p + generate_ar(model, p, max_new_tokens)  # what lossless greedy TiDAR commits
         starts = range(len(p), len(seq))  # every place a block can start
         ideal, h = marginal_drafts(model, seq, starts, k)
         held.append(h)
         tokens += len(seq) - len(p)
+        positions += [len(seq) - len(p) - j for j in range(1, k)]  # offset j has a token to match at these
         for name, drafts in (("diffusion", diffusion_drafts(model, seq, starts, k)), ("AR marginals", ideal)):
             hits = [[t + j < len(seq) and drafts[t][j] == seq[t + j] for j in range(1, k)] for t in starts]
             agree[name] = agree.get(name, 0) + np.sum(hits, 0)
             forwards[name] = forwards.get(name, 0) + forwards_needed(seq, len(p), drafts, k)
-    n, f, *_ = measure(lambda p: generate_tidar(model, p, max_new_tokens, k), prompts, device)
+    decoded = sum(generate_tidar(model, p, max_new_tokens, k)[1]["forwards"] for p in prompts)
     print(f"{'drafts':>13}" + "".join(f" {'offset ' + str(j):>9}" for j in range(1, k)) + f" {'tok/fwd':>8}")
     for name in agree:
-        print(f"{name:>13}" + "".join(f" {100 * a / tokens:8.0f}%" for a in agree[name])
+        print(f"{name:>13}" + "".join(f" {a:8.0%}" for a in agree[name] / positions)
               + f" {tokens / forwards[name]:8.2f}")
-    print(f"(the beam held {', '.join(f'{100 * h:.0f}%' for h in np.mean(held, 0))} of the probability at offsets "
-          f"1 .. {k - 1}; generate_tidar's own count: {n / f:.2f} tokens per forward)")
+    print(f"(the beam held {', '.join(f'{h:.0%}' for h in np.mean(held, 0))} of the probability at offsets "
+          f"1 .. {k - 1}; generate_tidar itself: {tokens / decoded:.2f} tokens per forward)")
 
 
 def main(args):
@@ -343,7 +340,7 @@ def main(args):
         table_recipes(recipe_dirs, args.ar_dir, models, draft_lens, prompts, args.max_new_tokens, args.data_dir,
                       args.val_windows, args.device)
     if 5 in tables:
-        table_ceiling(models[args.out_dir], min(draft_lens), prompts, args.max_new_tokens, args.device)
+        table_target(models[args.out_dir], min(draft_lens), prompts, args.max_new_tokens)
 
 
 if __name__ == "__main__":
