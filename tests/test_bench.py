@@ -14,10 +14,9 @@ from dataclasses import replace
 
 import ablations
 import bench
-from conftest import BYTE_MODEL, ROOT, write_checkpoint
+from conftest import BYTE_MODEL, ROOT, Drafts, random_prompt, scale_weights, write_checkpoint
 from sample import generate_ar, generate_tidar
 from tidar import GPT, causal_mask, prefill_mask
-from test_sample import Drafts, random_prompt
 
 SMALL = ["--device", "cpu", "--draft_lens", "2,4", "--num_prompts", "2", "--batches", "1,3", "--prompt_len", "8",
          "--max_new_tokens", "16", "--cache_len", "16", "--max_queries", "128", "--train_batch", "2", "--repeats", "1"]
@@ -124,21 +123,13 @@ def test_ablations_run_on_cpu(tmp_path):
     print(run.stdout)
 
 
-def sharpen(model, factor=2.0):
-    """Weights twice their random init: drafts the context moves, often right, and distributions not yet peaked."""
-    with torch.no_grad():
-        for w in model.parameters():
-            w.mul_(factor)
-    return model
-
-
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("mode", ["model", "noisy", "oracle"])
 def test_target_counts_forwards_as_decoding_does(tiny, k, mode):
     """Table 5 counts forwards offline, from the drafts of a block at every place one can start; with the model's
     own drafts that is generate_tidar's count, and each step's drafts are the ones it fed, whether drafts are
     rejected, partly or all accepted, and whether the text ends at max_new_tokens or at <|endoftext|>."""
-    sharpen(tiny)
+    scale_weights(tiny, 2)  # drafts the context moves, some right; distributions not yet peaked
     for seed, max_new in [(0, 21), (1, 22)]:
         prompt = random_prompt(seed, n=3 + seed)
         text = generate_ar(tiny, prompt, max_new)
@@ -173,7 +164,7 @@ def test_target_marginals_sum_over_the_beam(tiny, beam):
     """Table 5's drafts at offsets 1 and 2 are the argmax of the AR model's marginal, summed over the `beam` most
     likely tokens, then pairs, after the context (all of them: the exact marginal): brute force, one causal
     forward for each pair of tokens."""
-    sharpen(tiny)
+    scale_weights(tiny, 2)  # a context that moves the argmax, and distributions not yet peaked
     seq, V = random_prompt(0, n=8), tiny.config.vocab_size
     drafts, held = ablations.marginal_drafts(tiny, seq, range(1, 9), 3, beam=beam)
     mass = []

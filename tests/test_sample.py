@@ -20,43 +20,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import sample
-from conftest import BYTE_MODEL, write_checkpoint
+from conftest import BYTE_MODEL, Drafts, random_prompt, scale_weights, write_checkpoint
 import tidar
 from sample import accept_probability, generate_ar, generate_speculative, generate_tidar, residual
 from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions, prefill_mask
 from tidar import tidar_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Drafts(torch.nn.Module):
-    """
-    Wraps a model and overrides what its [MASK] slots say, row by row, to force the verifier's hand:
-    'oracle' drafts the true next tokens (everything is accepted), 'garbage' a wrong token (everything is
-    rejected), 'noisy' is right at some positions and wrong at others, 'model' leaves the row alone.
-    truths: per row, the prompt and the AR model's continuation. The AR rows are untouched.
-    """
-
-    def __init__(self, model, truths, modes):
-        super().__init__()
-        self.model, self.config, self.truths, self.modes = model, model.config, truths, modes
-
-    def forward(self, idx, pos, mask, cache=None):
-        logits = self.model(idx, pos, mask, cache)
-        pos = pos.expand(idx.shape)
-        for b, t in (idx == self.config.mask_id).nonzero().tolist():
-            truth, mode, p = self.truths[b], self.modes[b], int(pos[b, t])
-            if mode == "model":
-                continue
-            right = truth[p] if p < len(truth) else 0
-            wrong = mode == "garbage" or (mode == "noisy" and p in (7, 8, 13, 21, 22, 23, 27))
-            logits[b, t] = -30.0
-            logits[b, t, (right + 1) % self.config.vocab_size if wrong else right] = 30.0
-        return logits
-
-
-def random_prompt(seed, n=5):
-    return torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 # --- greedy is lossless
@@ -156,11 +126,7 @@ def sequence_probability(model, prompt, seq, temperature, top_k):
 def peaked_gpt(seed, **kw):
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=5, eot_id=4, seq_len=16, n_layer=1, n_head=1, n_embd=8, **kw)
-    model = GPT(config).eval()
-    with torch.no_grad():  # larger weights: peaked distributions, drafts often but not always accepted
-        for p in model.parameters():
-            p.mul_(3)
-    return model
+    return scale_weights(GPT(config).eval(), 3)  # peaked distributions: drafts often but not always accepted
 
 
 def test_drafts_are_verified_against_the_distribution_they_were_drawn_from(tiny, monkeypatch):
