@@ -9,8 +9,6 @@ Measures what the README's results section reports, in one run on one device:
      tokens, with a KV cache of up to 256 tokens; where k + k*k falls
      (2 and 3 on CUDA replay every step from CUDA graphs: AR and TiDAR each at its fastest)
   4. training: ms/iter of the TiDAR objective against the AR objective, same context and batch
-  5. on CUDA, what keeping the recorded graphs across generations saves: a generation that records its
-     step against one that replays a kept graph
 
     python bench.py                       # the checkpoint in out/, prompts from the val split of data/pycode
     python bench.py --prompts=FOLDER      # prompts from the .py files in FOLDER, Python the model never saw
@@ -31,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data.prepare import DATA_DIR  # noqa: E402
-from sample import GRAPHS, cuda_graph, generate_ar, generate_tidar, load_checkpoint, timed  # noqa: E402
+from sample import cuda_graph, generate_ar, generate_tidar, load_checkpoint, timed  # noqa: E402
 from tidar import KVCache, causal_mask, pick_device, training_loss  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
@@ -41,7 +39,7 @@ parser.add_argument("--prompts", default="val", help="where the held-out prompts
 parser.add_argument("--data_dir", default=os.path.join(DATA_DIR, "pycode"), help="the dataset of --prompts=val "
                     "(default: data/pycode beside bench.py)")
 parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-parser.add_argument("--sections", default="1,2,3,4,5", help="comma-separated: which of the five to run")
+parser.add_argument("--sections", default="1,2,3,4", help="comma-separated: which of the four to run")
 parser.add_argument("--eager", action="store_true", help="on CUDA, no CUDA graphs: if recording fails on your GPU")
 parser.add_argument("--draft_lens", default="4,8,16", help="comma-separated draft lengths k")
 parser.add_argument("--dtypes", default=None, help="comma-separated float32, bfloat16, float16; default "
@@ -67,8 +65,10 @@ def decode_all(model, batches, draft_lens, max_new_tokens, device, capture):
     decoders = {"AR": lambda b: (generate_ar(model, b, max_new_tokens, capture=capture), None)}
     for k in draft_lens:
         decoders[f"TiDAR k={k}"] = lambda b, k=k: generate_tidar(model, b, max_new_tokens, k, capture=capture)
-    for decode in decoders.values():  # warm-up: first calls pay for kernel selection, allocation and, captured,
-        decode(batches[0])  # for recording the step's graph, which the later calls (same shapes) replay
+    # Warm-up: first calls pay for kernel selection and allocation. (Captured, every generation, timed ones
+    # included, runs its first step eagerly and records its own graph: that cost is part of decoding.)
+    for decode in decoders.values():
+        decode(batches[0])
     results = {name: [0.0, 0, 0, []] for name in decoders}
     for batch in batches:
         for name, decode in decoders.items():
@@ -112,7 +112,6 @@ def bench_batches(models, prompts, batch_sizes, draft_lens, max_new_tokens, devi
               + "".join(f" {'vs AR k=' + str(k):>10}" for k in draft_lens))
         stops = {k: None for k in draft_lens}  # the first batch at which TiDAR is not faster
         for N in batch_sizes:
-            GRAPHS.clear()  # the last batch's recorded steps and caches: not needed again
             results = decode_all(model, [prompts[:N]], draft_lens, max_new_tokens, device, capture)
             speed = {name: tokens / s for name, (s, tokens, _, _) in results.items()}
             ratios = {k: speed[f"TiDAR k={k}"] / speed["AR"] for k in draft_lens}
@@ -190,27 +189,6 @@ def bench_training(model, batch, repeats, device):
           f"{ms['tidar'] / ms['ar']:.2f}x")
 
 
-def bench_graph_reuse(model, prompts, k, max_new_tokens, device, capture):
-    # A generation's first step runs eagerly and records its graph, unless an earlier generation with the same
-    # shapes left one to replay (sample.cuda_graph): what does keeping it save a generation of this length?
-    print(f"\n5. CUDA graphs kept across generations: one generation of up to {max_new_tokens} new tokens, batch 1, "
-          f"float32, median of {len(prompts)} prompts")
-    if not capture:
-        print("(not run: graphs are recorded only on CUDA, and not with --eager)")
-        return
-    for name, decode in (("AR", lambda p: generate_ar(model, p, max_new_tokens)),
-                         (f"TiDAR k={k}", lambda p: generate_tidar(model, p, max_new_tokens, k))):
-        ms = {"recorded": [], "kept": []}
-        for p in prompts:
-            GRAPHS.clear()
-            ms["recorded"].append(1e3 * timed(lambda: decode(p), device)[1])  # records its step
-            ms["kept"].append(1e3 * timed(lambda: decode(p), device)[1])  # replays the graph the call before kept
-        recorded, kept = (sorted(v)[len(v) // 2] for v in ms.values())
-        print(f"{name:>10}: {recorded:.1f} ms recording its step, {kept:.1f} ms replaying a kept graph: keeping "
-              f"graphs saves {100 * (1 - kept / recorded):.1f}% of a generation")
-    GRAPHS.clear()
-
-
 def held_out_prompts(args, n, enc):
     """
     n prompts of prompt_len tokens, spread evenly over held-out text (the same every run): the val split of
@@ -283,8 +261,8 @@ def main(args):
     dtypes = (args.dtypes or ("float32,bfloat16" if cuda else "float32")).split(",")
     if not set(dtypes) <= {"float32", "bfloat16", "float16"}:
         fail(f"--dtypes={args.dtypes}: use float32, bfloat16 or float16, comma-separated", 2)
-    if not set(sections) <= {1, 2, 3, 4, 5}:
-        fail(f"--sections={args.sections}: the sections are 1 to 5", 2)
+    if not set(sections) <= {1, 2, 3, 4}:
+        fail(f"--sections={args.sections}: the sections are 1 to 4", 2)
     for name in ("num_prompts", "prompt_len", "max_queries", "train_batch", "repeats", "max_new_tokens", "cache_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name}={getattr(args, name)}: must be at least 1", 2)
@@ -313,9 +291,6 @@ def main(args):
         bench_query_sweep(fastest, args.cache_len, args.max_queries, draft_lens, args.repeats, args.device)
     if 4 in sections:
         bench_training(model, args.train_batch, args.repeats, args.device)
-    if 5 in sections:
-        bench_graph_reuse(model, prompts[: args.num_prompts], max(draft_lens), args.max_new_tokens, args.device,
-                          modes[-1])
 
 
 if __name__ == "__main__":

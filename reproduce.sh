@@ -14,8 +14,7 @@
 #   c  bench.py on it: decoding at batch 1 (k = 4, 8, 16; eager and captured, float32 and bfloat16 on CUDA) on
 #      the val split's prompts (c1) and on Python from outside the corpus, pytest's own sources (c2); then the
 #      batch sweep and the free token slots (c3)
-#   d  bench.py's sections 4 and 5: a training step against an AR step, and what keeping CUDA graphs across
-#      generations saves a generation
+#   d  bench.py's section 4: a training step against an AR step
 #   e  the AR baseline of the README's training table, trained for about as long as b (by the step costs known)
 # On a GPU the phases share a budget of 9 minutes: a phase gets what its limit and the budget leave, and
 # one left with under 20 seconds is skipped, the last ones first.
@@ -132,7 +131,7 @@ if [ -f "$MODELS/tidar/ckpt.pt" ]; then  # the model of b, or its last checkpoin
     phase c1-bench-val "${limits[2]}" $bench --sections=1
     phase c2-bench-outside "${limits[3]}" $bench --sections=1 --prompts="$outside"
     phase c3-bench-sweeps "${limits[4]}" $bench --sections=2,3
-    phase d-bench-training-graphs "${limits[5]}" $bench --sections=4,5
+    phase d-bench-training "${limits[5]}" $bench --sections=4
 else
     rows+=("| c, d | skipped: b left no checkpoint | 0 | bench.py |")
     failed=1

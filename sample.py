@@ -365,29 +365,17 @@ def run(step, d0, draw, max_new_tokens, eot_id, capture):
     return out, traces
 
 
-GRAPHS = {}  # steps recorded as CUDA graphs, by graph_key, for the calls after (8 at most; GRAPHS.clear() frees them)
-
-
 def cuda_graph(step):
     """
     step(*inputs) replayed from a CUDA graph: its kernels are recorded once and relaunched by one call, so a
     step of a small model costs the GPU's time instead of Python's. This works because a step's shapes never
     change and it reads and writes only tensors that stay in place: its inputs (the uniforms) are copied into
     the graph's own, and the tensors it closes over (the cache, the drafts) are updated in place.
-    A graph holds addresses, not values. So when an earlier call recorded a step with the same code, the same
-    Python values (k, temperature, beta, the model) and tensors of the same shapes, this call copies its
-    starting state into that call's tensors and replays that graph, which saves recording anew (an eager
-    step and a recording pass); gpt-fast keeps its cache across calls for the same reason.
-    Otherwise the first call is a real step, run eagerly on a side stream (the warm-up capture requires);
-    it then records, and every later call replays and returns the same output tensors, refilled. (So two
-    generations with one key must not run at once, from two threads: they would share those tensors.)
+    The first call is a real step, run eagerly on a side stream (as the warm-up before a capture must be);
+    it then records the step, and every later call of this generation replays it and returns the same
+    output tensors, refilled. Each generation records its own graph: nothing is kept across calls.
     """
-    key, state = graph_key(step)
     graph = inputs = outputs = None
-    if key in GRAPHS:
-        recorded, graph, inputs, outputs = GRAPHS[key] = GRAPHS.pop(key)  # now the most recently used
-        for r, mine in zip(recorded, state):
-            r.copy_(mine)
 
     def replay(*args):
         nonlocal graph, inputs, outputs
@@ -400,9 +388,6 @@ def cuda_graph(step):
             graph, inputs = torch.cuda.CUDAGraph(), [a.clone() for a in args]
             with torch.cuda.graph(graph):
                 outputs = step(*inputs)
-            GRAPHS[key] = state, graph, inputs, outputs
-            if len(GRAPHS) > 8:
-                del GRAPHS[next(iter(GRAPHS))]  # the least recently used, with its cache
             return result
         for i, a in zip(inputs, args):
             i.copy_(a)
@@ -410,30 +395,6 @@ def cuda_graph(step):
         return outputs
 
     return replay
-
-
-def graph_key(fn):
-    """
-    What a recorded fn depends on besides the values in its tensors, and those tensors: per variable it
-    closes over, a model by its weights' addresses and dtypes, a tensor (or a KVCache's) by its shape,
-    dtype and device, and any other value by itself; and the global switches that decide which kernels run
-    and what may be written.
-    """
-    key = [fn.__code__, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
-           torch.get_autocast_dtype("cuda"), torch.get_float32_matmul_precision()]
-    tensors = []
-    for cell in fn.__closure__ or ():
-        v = cell.cell_contents
-        if isinstance(v, torch.nn.Module):
-            key.append((v, *((t.data_ptr(), t.dtype) for t in [*v.parameters(), *v.buffers()])))
-            continue
-        for x in vars(v).values() if isinstance(v, KVCache) else [v]:
-            if isinstance(x, torch.Tensor):
-                tensors.append(x)
-                key.append((x.shape, x.dtype, x.device))
-            else:
-                key.append(x)
-    return tuple(key), tensors
 
 
 # -----------------------------------------------------------------------------

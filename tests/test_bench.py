@@ -44,7 +44,7 @@ def test_bench_runs_on_cpu(tmp_path):
     assert out.count("True") == 2  # greedy TiDAR == greedy AR on every prompt, for each k
     assert "vs AR k=4" in out and out.count("TiDAR k=2: ") == 1  # the batch sweep and where TiDAR stops winning
     assert "<- k + k*k for k = 4" in out and "beyond the model's context" in out
-    assert "ms/iter" in out and "graphs are recorded only on CUDA" in out
+    assert "ms/iter" in out
     print(out)
 
 
@@ -72,7 +72,7 @@ def test_bench_prompts_from_a_folder(tmp_path):
     ("no repeats", ["--repeats", "0"], "--repeats=0: must be at least 1"),
     ("no new tokens", ["--max_new_tokens", "0"], "--max_new_tokens=0: must be at least 1"),
     ("bad list", ["--draft_lens", "4,x"], "--draft_lens=4,x: give comma-separated integers of at least 1"),
-    ("bad section", ["--sections", "6"], "--sections=6: the sections are 1 to 5"),
+    ("bad section", ["--sections", "5"], "--sections=5: the sections are 1 to 4"),
     ("no prompts there", ["--prompts", "/nonexistent"], "--prompts=/nonexistent: no such file, nor a folder"),
 ])
 def test_bench_bad_input(tmp_path, capsys, case, extra, message):
@@ -187,7 +187,7 @@ def test_target_marginals_sum_over_the_beam(tiny, beam):
         assert held == pytest.approx([1.0, 1.0])
 
 
-PHASES = ["a-gpu-tests", "b-train", "c1-bench-val", "c2-bench-outside", "c3-bench-sweeps", "d-bench-training-graphs",
+PHASES = ["a-gpu-tests", "b-train", "c1-bench-val", "c2-bench-outside", "c3-bench-sweeps", "d-bench-training",
           "e-ar-baseline"]
 
 

@@ -462,6 +462,9 @@ def test_empty_prompt_means_start_of_document(tiny):
 # against an emulated graph; on a GPU, against a real one)
 
 
+PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 1, 2]]  # of different lengths: the rows' caches differ
+
+
 class Recorder(TorchDispatchMode):
     """
     Writes down a step as a CUDA graph records it: every kernel with its shapes and arguments, where each
@@ -513,7 +516,7 @@ def test_every_step_is_the_same_graph(tiny, monkeypatch):
 
     monkeypatch.setattr(sample, "run", recording_run)
     drafter = GPT(replace(tiny.config, n_layer=1)).double().eval()
-    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 1, 2]]
+    prompts = PROMPTS
     for decode in (lambda g: generate_ar(tiny, prompts, 12, temperature=1.0, generator=g),
                    lambda g: generate_tidar(tiny, prompts, 12, draft_len=3, generator=g),
                    lambda g: generate_tidar(tiny, prompts, 12, draft_len=3, temperature=1.0, top_k=4, generator=g),
@@ -535,9 +538,10 @@ class CPUGraph(TorchDispatchMode):
     kernels again on those tensors. Views compute nothing and keep pointing where they pointed.
     """
 
-    def __init__(self):
+    def __init__(self, recorded):
         super().__init__()
-        self.kernels = []
+        self.kernels, self.replays = [], 0
+        recorded.append(self)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -552,6 +556,7 @@ class CPUGraph(TorchDispatchMode):
         return out
 
     def replay(self):
+        self.replays += 1
         for func, args, kwargs, out in self.kernels:
             alias = func._schema.returns[0].alias_info if func._schema.returns else None
             if alias is None:  # a new tensor: computed again into the one recorded
@@ -563,67 +568,41 @@ class CPUGraph(TorchDispatchMode):
 
 @pytest.fixture
 def cpu_graphs(monkeypatch):
-    """sample.cuda_graph running on the CPU, on CPUGraph: a decoder called with capture=True replays its steps."""
+    """sample.cuda_graph running on the CPU, on CPUGraph: a decoder called with capture=True replays its steps.
+    Returns the list of the graphs recorded, in order."""
     stream = type("Stream", (), {"wait_stream": lambda self, other: None})
     monkeypatch.setattr(torch.cuda, "Stream", stream)
     monkeypatch.setattr(torch.cuda, "current_stream", stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", CPUGraph)
+    recorded = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: CPUGraph(recorded))
     monkeypatch.setattr(torch.cuda, "graph", lambda graph: graph)
-    monkeypatch.setattr(sample, "GRAPHS", {})
     run = sample.run
     monkeypatch.setattr(sample, "run", lambda step, *args: run(sample.cuda_graph(step) if args[-1] else step, *args))
-    return sample.GRAPHS
+    return recorded
 
 
-def replays_equal_eager(model, graphs):
+def replays_equal_eager(model, graphs=None):
     """
-    Recording once and replaying, in the same call and in later ones, gives what eager steps give. A later
-    call replays an earlier call's graph, with its own starting state copied in, when the graph's key is the
-    same (other prompts of the same shapes), and records its own when anything the step depends on differs
-    (a temperature, a model of the same shape).
+    Recording a generation's step once and replaying it gives what eager steps give, for every decoder and
+    rule, greedy and sampling. With graphs (the emulated ones): each generation records exactly one graph of
+    its own and replays it at every later step.
     """
     device = next(model.parameters()).device
-    other = GPT(model.config).double().to(device).eval()
     drafter = GPT(replace(model.config, n_layer=1)).double().to(device).eval()
-    decoders = [lambda m, p, **kw: generate_ar(m, p, 12, **kw),
-                lambda m, p, **kw: generate_ar(m, p, 12, temperature=1.0, **kw),
-                lambda m, p, **kw: generate_tidar(m, p, 12, draft_len=3, **kw),
-                lambda m, p, **kw: generate_tidar(m, p, 12, draft_len=3, temperature=1.0, top_k=4, **kw),
-                lambda m, p, **kw: generate_tidar(m, p, 12, draft_len=3, temperature=0.7, top_k=4, **kw),
-                lambda m, p, **kw: generate_tidar(m, p, 12, draft_len=2, beta=0.5, rule="paper", **kw),
-                lambda m, p, **kw: generate_speculative(m, drafter, p, 12, draft_len=3, temperature=0.9, **kw)]
-    first, second = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 1, 2]], [[7, 7], [9, 3, 1], [2, 2, 2, 2, 2, 8, 5]]
-    for m, prompts in [(model, first), (model, second), (other, first)]:
-        for decode in decoders:
-            eager, captured = (decode(m, prompts, capture=c, generator=torch.Generator(device).manual_seed(0))
-                               for c in (False, True))
-            assert captured == eager
-        if m is model:
-            assert len(graphs) == len(decoders)  # the second prompts replayed the first prompts' graphs
-    with torch.inference_mode():  # tensors made here cannot be written outside it: it records its own graph
-        assert decoders[2](model, first, capture=True) == decoders[2](model, first, capture=False)
-    assert decoders[2](model, first, capture=True) == decoders[2](model, first, capture=False)
-
-
-def test_graphs_are_kept_by_key_least_recently_used_first(tiny, cpu_graphs):
-    """At most 8 graphs are kept, and the one used least recently goes first; a switch that picks other
-    kernels (the float32 matmul precision) gets a graph of its own. Greedy, so that every call has steps."""
-    top_ks = list(range(1, 10))  # one key each
-    decode = lambda top_k: generate_ar(tiny, [1, 2], 3, top_k=top_k, capture=True)
-    for top_k in top_ks[:8]:
-        decode(top_k)
-    decode(top_ks[0])  # used again: now the most recently used
-    decode(top_ks[8])  # a ninth key: top_ks[1], the least recently used, goes
-    kept = lambda top_k: sum(top_k in key for key in cpu_graphs)
-    assert [kept(t) for t in top_ks] == [1, 0, 1, 1, 1, 1, 1, 1, 1]
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium" if precision != "medium" else "high")
-    try:
-        decode(top_ks[0])
-    finally:
-        torch.set_float32_matmul_precision(precision)
-    assert len(cpu_graphs) == 8 and kept(top_ks[0]) == 2
+    decoders = [lambda **kw: generate_ar(model, PROMPTS, 12, **kw),
+                lambda **kw: generate_ar(model, PROMPTS, 12, temperature=1.0, **kw),
+                lambda **kw: generate_tidar(model, PROMPTS, 12, draft_len=3, **kw),
+                lambda **kw: generate_tidar(model, PROMPTS, 12, draft_len=3, temperature=1.0, top_k=4, **kw),
+                lambda **kw: generate_tidar(model, PROMPTS, 12, draft_len=2, beta=0.5, rule="paper", **kw),
+                lambda **kw: generate_speculative(model, drafter, PROMPTS, 12, draft_len=3, temperature=0.9, **kw)]
+    for decode in decoders:
+        eager = decode(capture=False, generator=torch.Generator(device).manual_seed(0))
+        before = len(graphs or [])
+        captured = decode(capture=True, generator=torch.Generator(device).manual_seed(0))
+        assert captured == eager
+        if graphs is not None:
+            assert len(graphs) == before + 1 and graphs[-1].replays >= 2
 
 
 def test_replayed_steps_equal_eager_steps(tiny, cpu_graphs):
@@ -631,10 +610,9 @@ def test_replayed_steps_equal_eager_steps(tiny, cpu_graphs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the captured step exists only on CUDA")
-def test_cuda_replays_equal_eager_steps(tiny, monkeypatch):
+def test_cuda_replays_equal_eager_steps(tiny):
     """On a GPU (CI has none): the same with real CUDA graphs, bit for bit."""
-    monkeypatch.setattr(sample, "GRAPHS", {})
-    replays_equal_eager(tiny.cuda(), sample.GRAPHS)
+    replays_equal_eager(tiny.cuda())
 
 
 # --- bad requests
@@ -719,7 +697,7 @@ def test_cli_replayed_equals_eager(tmp_path, cpu_graphs, capsys):
                                               "12", "--compare", "--show", *flags]))
         printed.append(re.sub(r"[\d.]+ ?(s|tokens/s|x)\b", "", capsys.readouterr().out))  # not the timings
     assert printed[0] == printed[1] and printed[0].count("--- AR:") == 4
-    assert len(cpu_graphs) == 4  # two batch shapes by two decoders, recorded once, replayed by the second sample
+    assert len(cpu_graphs) == 10  # one graph per generation: 2 warm-ups, then 2 samples x 2 batches x 2 decoders
 
 
 def test_cli_batches(tmp_path):
