@@ -30,7 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench import check_fits, held_out_prompts, integers  # noqa: E402
 from data.prepare import DATA_DIR  # noqa: E402
-from sample import generate_ar, generate_speculative, generate_tidar, load_checkpoint, timed  # noqa: E402
+import sample  # noqa: E402
+from sample import generate_ar, generate_tidar, load_checkpoint, timed  # noqa: E402
 from tidar import causal_mask, evaluate_batch, pick_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
@@ -116,6 +117,66 @@ def table_blocks(block_models, draft_lens, prompts, max_new_tokens, device):
             row.append(n / f)
         print(f"{model.config.block_len:4d}" + "".join(f" {r:7.2f}" for r in row))
     print("paper (TiDAR 1.5B, its Figure 5 / Table 4, k = B): B = 4: 3.51, 8: 5.69, 16: 7.35 tokens per forward")
+
+
+@torch.no_grad()
+def generate_speculative(target, drafter, prompt_ids, max_new_tokens, draft_len=4, temperature=0.0, top_k=None,
+                         generator=None, capture=True):
+    """
+    Classic speculative decoding (Leviathan et al., 2023), the baseline the paper compares TiDAR with: a
+    separate small AR model proposes d_1 .. d_k one forward at a time, and the target verifies d_0 .. d_k
+    in one causal forward, with sample.py's verify and cache; lossless like TiDAR with beta = 1.
+    Returns what generate_tidar returns; stats["drafter_forwards"] counts the drafter's forwards.
+    """
+    config, k = target.config, draft_len
+    if drafter.config.vocab_size != config.vocab_size:
+        raise ValueError(f"the drafter's vocabulary ({drafter.config.vocab_size}) is not the target's "
+                         f"({config.vocab_size}): train it on the same data")
+    prompts, one = sample.as_batch(prompt_ids, config.eot_id)
+    for model in (target, drafter):
+        sample.check_request(model.config, prompts, max_new_tokens, temperature, top_k, k + 1, k)
+    N = len(prompts)
+    cache, last = sample.new_cache(target, prompts, max_new_tokens, k + 1)
+    small, _ = sample.new_cache(drafter, prompts, max_new_tokens, k + 1)  # the drafter's own cache
+    draw = sample.uniforms(N, 2 * k + 1, temperature, generator, cache.device)
+    rows, offsets = torch.arange(N, device=cache.device), torch.arange(k + 1, device=cache.device)
+    logits, _ = sample.prefill(target, prompts, 0, cache)  # (N, V)
+    sample.prefill(drafter, prompts, 0, small)
+    d0, _ = sample.choose(logits, temperature, top_k, draw()[:, 0])  # (N,)
+    c = torch.tensor([prompt[-1] for prompt in prompts], device=cache.device)  # (N,): the last committed token
+
+    def step(u):  # u (N, 2k+1): the step's uniforms
+        L = cache.length  # (N,), the cache's own tensor: read it before the commit in 4 changes it
+        # 1. Draft: the drafter reads the last committed token again (its cache is rolled back to just before
+        #    it, which is all the bookkeeping it needs) and d_0, then proposes d_1 .. d_k, one forward each.
+        small.length.copy_(L - 1)
+        tokens, drafts, qs = torch.stack([c, d0], dim=1), [], []  # (N, 2)
+        for j in range(k):
+            Ls, t = small.length, tokens.size(1)
+            mask = causal_mask(t, Ls, small.max_len, cache.device)
+            logits = drafter(tokens, Ls[:, None] + offsets[:t], mask, small)
+            small.length.copy_(Ls + t)
+            token, q = sample.choose(logits[:, -1], temperature, top_k, u[:, k + 1 + j])  # (N,), (N, V)
+            tokens = token[:, None]
+            drafts.append(token)
+            qs.append(q)
+        drafts, q = torch.stack(drafts, dim=1), torch.stack(qs, dim=1)  # (N, k), (N, k, V)
+        #    The target reads d_0 .. d_k in one causal forward: its output after d_j is for position L+j+1.
+        d = torch.cat([d0[:, None], drafts], dim=1)  # (N, k+1)
+        logits = target(d, L[:, None] + offsets, causal_mask(k + 1, L, cache.max_len, cache.device), cache)
+
+        # 2. Verify d_1 .. d_k and 3. decide y, exactly as TiDAR does.
+        n, y = sample.verify(sample.probabilities(logits, temperature, top_k), q, drafts, u[:, : k + 1])
+        # 4. Commit d_0 .. d_n, roll back the rest. 5. Next: d_0 = y, after the last committed token d_n.
+        cache.length.copy_(torch.minimum(L + n + 1, last))
+        c.copy_(d[rows, n])
+        d0.copy_(y)
+        return d, n, y
+
+    out, traces = sample.run(step, d0, draw, max_new_tokens, config.eot_id, capture)
+    stats = [dict(forwards=1 + len(t), drafter_forwards=1 + k * len(t), committed=[n + 1 for _, n, _ in t],
+                  trace=t) for t in traces]
+    return (out[0], stats[0]) if one else (out, stats)
 
 
 def table_speculative(model, drafter, speculative_lens, prompts, max_new_tokens, device):

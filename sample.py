@@ -9,8 +9,8 @@ one forward per step")
 
 generate_ar is the reference: one token per forward, the same KV cache. generate_tidar commits between
 1 and k tokens per forward and, with beta = 1, is lossless against it: greedy output is identical token
-for token, sampled output has exactly the same distribution. generate_speculative is the classic method
-the paper compares TiDAR with: a separate small drafter, verified by the same code.
+for token, sampled output has exactly the same distribution. ablations.py's generate_speculative, the
+classic method the paper compares TiDAR with (a separate small drafter), is verified by the same code.
 
 Each decodes one prompt or a batch of prompts together: the batch is the leading axis of every tensor,
 and each row has its own length, acceptance and stopping. A step reads back to the host once, only what
@@ -130,66 +130,6 @@ def generate_tidar(
 
     out, traces = run(step, d0, draw, max_new_tokens, config.eot_id, capture)
     stats = [dict(forwards=1 + len(t), committed=[n + 1 for _, n, _ in t], trace=t) for t in traces]
-    return (out[0], stats[0]) if one else (out, stats)
-
-
-@torch.no_grad()
-def generate_speculative(
-    target, drafter, prompt_ids, max_new_tokens, draft_len=4, temperature=0.0, top_k=None, generator=None, capture=True
-):
-    """
-    Classic speculative decoding (Leviathan et al., 2023), the baseline the paper compares TiDAR with: a
-    separate small AR model proposes d_1 .. d_k one forward at a time, and the target verifies d_0 .. d_k
-    in one causal forward, with the same verify and the same cache; lossless like TiDAR with beta = 1.
-    Returns what generate_tidar returns; stats["drafter_forwards"] counts the drafter's forwards.
-    """
-    config, k = target.config, draft_len
-    if drafter.config.vocab_size != config.vocab_size:
-        raise ValueError(f"the drafter's vocabulary ({drafter.config.vocab_size}) is not the target's "
-                         f"({config.vocab_size}): train it on the same data")
-    prompts, one = as_batch(prompt_ids, config.eot_id)
-    for model in (target, drafter):
-        check_request(model.config, prompts, max_new_tokens, temperature, top_k, k + 1, k)
-    N = len(prompts)
-    cache, last = new_cache(target, prompts, max_new_tokens, k + 1)
-    small, _ = new_cache(drafter, prompts, max_new_tokens, k + 1)  # the drafter's own cache
-    draw = uniforms(N, 2 * k + 1, temperature, generator, cache.device)
-    rows, offsets = torch.arange(N, device=cache.device), torch.arange(k + 1, device=cache.device)
-    logits, _ = prefill(target, prompts, 0, cache)  # (N, V)
-    prefill(drafter, prompts, 0, small)
-    d0, _ = choose(logits, temperature, top_k, draw()[:, 0])  # (N,)
-    c = torch.tensor([prompt[-1] for prompt in prompts], device=cache.device)  # (N,): the last committed token
-
-    def step(u):  # u (N, 2k+1): the step's uniforms
-        L = cache.length  # (N,), the cache's own tensor: read it before the commit in 4 changes it
-        # 1. Draft: the drafter reads the last committed token again (its cache is rolled back to just before
-        #    it, which is all the bookkeeping it needs) and d_0, then proposes d_1 .. d_k, one forward each.
-        small.length.copy_(L - 1)
-        tokens, drafts, qs = torch.stack([c, d0], dim=1), [], []  # (N, 2)
-        for j in range(k):
-            Ls, t = small.length, tokens.size(1)
-            logits = drafter(tokens, Ls[:, None] + offsets[:t], causal_mask(t, Ls, small.max_len, cache.device), small)
-            small.length.copy_(Ls + t)
-            token, q = choose(logits[:, -1], temperature, top_k, u[:, k + 1 + j])  # (N,), (N, V)
-            tokens = token[:, None]
-            drafts.append(token)
-            qs.append(q)
-        drafts, q = torch.stack(drafts, dim=1), torch.stack(qs, dim=1)  # (N, k), (N, k, V)
-        #    The target reads d_0 .. d_k in one causal forward: its output after d_j is for position L+j+1.
-        d = torch.cat([d0[:, None], drafts], dim=1)  # (N, k+1)
-        logits = target(d, L[:, None] + offsets, causal_mask(k + 1, L, cache.max_len, cache.device), cache)
-
-        # 2. Verify d_1 .. d_k and 3. decide y, exactly as TiDAR does.
-        n, y = verify(probabilities(logits, temperature, top_k), q, drafts, u[:, : k + 1])
-        # 4. Commit d_0 .. d_n, roll back the rest. 5. Next: d_0 = y, after the last committed token d_n.
-        cache.length.copy_(torch.minimum(L + n + 1, last))
-        c.copy_(d[rows, n])
-        d0.copy_(y)
-        return d, n, y
-
-    out, traces = run(step, d0, draw, max_new_tokens, config.eot_id, capture)
-    stats = [dict(forwards=1 + len(t), drafter_forwards=1 + k * len(t), committed=[n + 1 for _, n, _ in t], trace=t)
-             for t in traces]
     return (out[0], stats[0]) if one else (out, stats)
 
 

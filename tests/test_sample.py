@@ -20,9 +20,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import sample
+from ablations import generate_speculative
 from conftest import BYTE_MODEL, Drafts, random_prompt, scale_weights, write_checkpoint
-import tidar
-from sample import accept_probability, generate_ar, generate_speculative, generate_tidar, residual
+from sample import accept_probability, generate_ar, generate_tidar, residual
 from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions, prefill_mask
 from tidar import tidar_inputs
 
@@ -397,7 +397,8 @@ def test_only_the_lossless_rule_equals_ar_at_beta_one(tiny):
     assert any(differs)
 
 
-# --- speculative decoding: lossless like TiDAR, one target forward of k + 1 tokens per step
+# --- speculative decoding (ablations.py's, the paper's baseline): lossless like TiDAR, one target forward
+# of k + 1 tokens per step
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
