@@ -339,14 +339,18 @@ def test_cpu_preset_instead_of_the_gpu_defaults(trained, tmp_path):
     assert "--- TiDAR: " in r.stdout and "outputs identical: True" in r.stdout  # (it may stop early at <|endoftext|>)
 
 
-def test_cpu_preset_states_its_time_only_for_the_preset_as_measured(trained, tmp_path):
+def test_cpu_preset_names_its_two_stages_and_promises_no_time(trained, tmp_path):
+    """Machines of the same name differ by 3x or more: the first line points at the log's time left, never at
+    a number of minutes. It names the AR stage and the TiDAR steps after it only where there are two stages."""
     data_dir, _, _ = trained
     stop = fail_call("tidar.GPT.__init__", 1, "SystemExit(0)")  # stop when the model is built: the line is out
     first_line = lambda *args: run_after(stop, "train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'new'}",
                                          "--device=cpu", *args).stdout.splitlines()[0]
-    assert "; 3800 AR steps, then 1400 TiDAR steps from them; as set, it takes about 14 minutes on 2 cores; " in \
-        first_line()  # the paper's recipe, in one run
-    assert "; the log shows the time left; " in first_line("--objective=ar")
+    line = first_line()  # the preset as it is: the paper's recipe, in one run
+    assert "; 3800 AR steps, then 1400 TiDAR steps from them; the log shows the time left; " in line
+    assert "minute" not in line
+    line = first_line("--objective=ar")
+    assert "; the log shows the time left; " in line and "TiDAR steps" not in line and "minute" not in line
     assert not (tmp_path / "new").exists()  # a run that stops before its first checkpoint leaves no folder behind
 
 
