@@ -43,7 +43,8 @@ def parse_overrides(args, settings, choices, script, cpu_preset):
     for arg in args:
         key, eq, raw = arg.removeprefix("--").partition("=")
         if arg.startswith("--") and key in settings and not eq:
-            fail(f"{arg} needs its value after '=', as in {arg}={settings[key]} (a value after a space is not read)", 2)
+            fail(f"{arg} needs its value after '=', as in {arg}={settings[key]} (a value after a space is "
+                 "not read)", 2)
         if not arg.startswith("--") or key not in settings:
             near = difflib.get_close_matches(key, settings, 1)
             fail(f"unknown setting {arg!r}" + (f" (did you mean --{near[0]}?)" if near else "") +
@@ -66,7 +67,8 @@ def print_help(settings, script, cpu_preset):
     """The script's docstring, then each setting with its default and the comment beside it in the script."""
     source = open(script).read()
     comments = dict(re.findall(r"^(\w+) = .*?  # (.*)$", source, re.M))
-    print(f"usage: python {os.path.basename(script)} [--name=value ...]\n\n{ast.get_docstring(ast.parse(source))}")
+    doc = ast.get_docstring(ast.parse(source))
+    print(f"usage: python {os.path.basename(script)} [--name=value ...]\n\n{doc}")
     print("\nsettings, with their defaults:")
     for key, default in settings.items():
         print(f"  --{key}={default}".ljust(28) + f"  # {comments.get(key, '')}")
