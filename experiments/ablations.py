@@ -1,5 +1,5 @@
 """
-The paper in miniature (README, "The paper in miniature"): TiDAR's ablations at a size one GPU or a laptop
+The paper in miniature (RESULTS.md, "The paper in miniature"): TiDAR's ablations at a size one GPU or a laptop
 can run, each table printed beside the paper's numbers. Greedy, batch 1, held-out prompts (as bench.py's).
   1. the decoding rule: this project's lossless rule against the authors' released one (slot 0 of each
      block committed unverified), at beta = 1, 0.5 and 0; what trusting the drafts costs in quality
@@ -12,15 +12,17 @@ can run, each table printed beside the paper's numbers. Greedy, batch 1, held-ou
      diffusion's drafts and for the argmax of the AR model's own marginal at that offset (what the diffusion
      loss trains toward, as the AR model estimates it), and the tokens per forward each would give
 
-    python ablations.py --out_dir=out --block_dirs=out-b4,out,out-b16 --drafter_dir=out-drafter
-    python ablations.py --tables=4 --recipe_dirs=out-scratch,out,out-a03 --ar_dir=out-ar
-The README's section trains the models it needs with train.py.
+    python experiments/ablations.py --out_dir=out --block_dirs=out-b4,out,out-b16 --drafter_dir=out-drafter
+    python experiments/ablations.py --tables=4 --recipe_dirs=out-scratch,out,out-a03 --ar_dir=out-ar
+RESULTS.md's section trains the models it needs with train.py.
 """
 import argparse
 import os
 import sys
 
-from configurator import fail, quiet_exits
+# Run from anywhere (`python experiments/ablations.py`): the modules it uses sit in the repository's root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import fail, quiet_exits  # noqa: E402
 
 if __name__ == "__main__":
     sys.excepthook = quiet_exits()  # Ctrl-C, from here on, is one line; so is a closed pipe (`... | head`)
@@ -46,7 +48,7 @@ parser.add_argument("--ar_dir", default="", help="the AR baseline whose val AR l
 parser.add_argument("--prompts", default="val", help="'val' (the val split of --data_dir), a text file, or a folder "
                     "of .py files, as in bench.py")
 parser.add_argument("--data_dir", default=os.path.join(DATA_DIR, "pycode"), help="the dataset: val prompts, and "
-                    "table 4's val windows (default: data/pycode beside ablations.py)")
+                    "table 4's val windows (default: data/pycode in the repository)")
 parser.add_argument("--draft_lens", default="4,8,16", help="k for tables 2 and 4; table 5 takes the smallest")
 parser.add_argument("--speculative_lens", default="2,4,8", help="drafter proposals per step for table 3")
 parser.add_argument("--num_prompts", type=int, default=16)

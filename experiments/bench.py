@@ -1,5 +1,5 @@
 """
-Measures what the README's results section reports, in one run on one device:
+Measures what RESULTS.md reports, in one run on one device:
   1. decoding at batch 1: AR and TiDAR tokens/s, tokens per forward and their ratio, greedy, on held-out
      prompts, for several draft lengths; eager (Python launches every kernel) and, on CUDA, replayed from
      CUDA graphs; in each dtype; and whether TiDAR's outputs were identical to AR's
@@ -10,9 +10,9 @@ Measures what the README's results section reports, in one run on one device:
      (2 and 3 on CUDA replay every step from CUDA graphs: AR and TiDAR each at its fastest)
   4. training: ms/iter of the TiDAR objective against the AR objective, same context and batch
 
-    python bench.py                       # the checkpoint in out/, prompts from the val split of data/pycode
-    python bench.py --prompts=FOLDER      # prompts from the .py files in FOLDER, Python the model never saw
-    python bench.py --sections=1          # decoding at batch 1 only
+    python experiments/bench.py                   # the checkpoint in out/, prompts from data/pycode's val split
+    python experiments/bench.py --prompts=FOLDER  # prompts from the .py files under FOLDER: Python never seen
+    python experiments/bench.py --sections=1      # decoding at batch 1 only
 """
 import argparse
 import copy
@@ -21,7 +21,9 @@ import os
 import sys
 from contextlib import nullcontext
 
-from configurator import fail, quiet_exits
+# Run from anywhere (`python experiments/bench.py`): the modules it uses sit in the repository's root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import fail, quiet_exits  # noqa: E402
 
 if __name__ == "__main__":
     sys.excepthook = quiet_exits()  # Ctrl-C, from here on, is one line; so is a closed pipe (`... | head`)
@@ -37,7 +39,7 @@ parser.add_argument("--out_dir", default="out", help="folder with ckpt.pt")
 parser.add_argument("--prompts", default="val", help="where the held-out prompts come from: 'val', the val split of "
                     "--data_dir; or a UTF-8 text file, or a folder and the .py files under it")
 parser.add_argument("--data_dir", default=os.path.join(DATA_DIR, "pycode"), help="the dataset of --prompts=val "
-                    "(default: data/pycode beside bench.py)")
+                    "(default: data/pycode in the repository)")
 parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
 parser.add_argument("--sections", default="1,2,3,4", help="comma-separated: which of the four to run")
 parser.add_argument("--eager", action="store_true", help="on CUDA, no CUDA graphs: if recording fails on your GPU")

@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
-# The README's results, measured again on whatever device is here, in one command:
+# RESULTS.md's figures, measured again on whatever device is here, in one command from anywhere:
 #
-#     bash reproduce.sh [OUT]           # one H100 or H200: at most 9 minutes, compiling included
-#     bash reproduce.sh --smoke [OUT]   # every phase at tiny sizes on the CPU, in about a minute
+#     bash experiments/reproduce.sh [OUT]           # one H100 or H200: at most 9 minutes, compiling included
+#     bash experiments/reproduce.sh --smoke [OUT]   # every phase at tiny sizes on the CPU, in about a minute
 #
-# OUT (default: results) receives a log per phase and summary.md, rewritten as each phase ends; the models go
-# to OUT-models beside it, so that OUT holds 8 small files at most. Each phase runs under its own time limit
-# (LIMITS="a b c1 c2 c3 d e", in seconds, sets them for a slower machine): a phase that fails or runs out of
-# time is marked so in summary.md, and the next one starts, so what the finished phases measured stays.
+# OUT (default: results; a relative path is taken from the repository's root, where the commands run)
+# receives a log per phase and summary.md, rewritten as each phase ends; the models go to OUT-models beside
+# it, so that OUT holds 8 small files at most. Each phase runs under its own time limit (LIMITS="a b c1 c2
+# c3 d e", in seconds, sets them for a slower machine): a phase that fails or runs out of time is marked so
+# in summary.md, and the next one starts, so what the finished phases measured stays.
 #   a  the GPU tests (pytest -k test_cuda). If the captured decode step fails there, the later phases decode
 #      eagerly (--eager); if compiled FlexAttention fails, they train with --compile=False
 #   b  training: the default TiDAR model, `python train.py` as in the README's quick start
-#   c  bench.py on it: decoding at batch 1 (k = 4, 8, 16; eager and captured, float32 and bfloat16 on CUDA) on
-#      the val split's prompts (c1) and on Python from outside the corpus, pytest's own sources (c2); then the
-#      batch sweep and the free token slots (c3)
+#   c  experiments/bench.py on it: decoding at batch 1 (k = 4, 8, 16; eager and captured, float32 and
+#      bfloat16 on CUDA) on the val split's prompts (c1) and on Python from outside the corpus, pytest's own
+#      sources (c2); then the batch sweep and the free token slots (c3)
 #   d  bench.py's section 4: a training step against an AR step
-#   e  the AR baseline of the README's training table, trained for about as long as b (by the step costs known)
+#   e  the AR baseline of the training table, trained for about as long as b (by the step costs known)
 # On a GPU the phases share a budget of 9 minutes: a phase gets what its limit and the budget leave, and
 # one left with under 20 seconds is skipped, the last ones first.
 set -u
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository's root: the commands below run from there
 smoke=0
 if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
 OUT=${1:-results}
@@ -58,7 +59,7 @@ elif [ "$device" != cpu ]; then  # sized from one H100's figures: a TiDAR step 6
     bench_args="--num_prompts=8"
     limits=(90 300 40 25 60 60 240)
     budget=540
-else  # a CPU: the quick start's CPU preset and bench.py's defaults, as the README measured them
+else  # a CPU: the quick start's CPU preset and bench.py's defaults, as RESULTS.md measured them
     train_args=""  # 3800 AR steps, then 1400 TiDAR steps
     ar_args="--max_iters=7500"  # the same time: an AR step costs about 0.37 of a TiDAR step there
     bench_args=""
@@ -127,7 +128,7 @@ fi
 phase b-train "${limits[1]}" "$PY" train.py --out_dir="$MODELS/tidar" --overwrite=True $train_args $compile
 
 if [ -f "$MODELS/tidar/ckpt.pt" ]; then  # the model of b, or its last checkpoint if b ran out of time
-    bench="$PY bench.py --out_dir=$MODELS/tidar $bench_args $eager"
+    bench="$PY experiments/bench.py --out_dir=$MODELS/tidar $bench_args $eager"
     phase c1-bench-val "${limits[2]}" $bench --sections=1
     phase c2-bench-outside "${limits[3]}" $bench --sections=1 --prompts="$outside"
     phase c3-bench-sweeps "${limits[4]}" $bench --sections=2,3

@@ -12,19 +12,23 @@ import pytest
 import torch
 from dataclasses import replace
 
-import ablations
-import bench
 from conftest import BYTE_MODEL, ROOT, Drafts, random_prompt, scale_weights, write_checkpoint
 from sample import generate_ar, generate_tidar
 from tidar import GPT, causal_mask, prefill_mask
+
+EXPERIMENTS = os.path.join(ROOT, "experiments")
+sys.path.insert(0, EXPERIMENTS)  # as a script there finds its neighbours: ablations.py imports bench.py
+import ablations  # noqa: E402
+import bench  # noqa: E402
 
 SMALL = ["--device", "cpu", "--draft_lens", "2,4", "--num_prompts", "2", "--batches", "1,3", "--prompt_len", "8",
          "--max_new_tokens", "16", "--cache_len", "16", "--max_queries", "128", "--train_batch", "2", "--repeats", "1"]
 
 
-def run_bench(tmp_path, *args):
-    return subprocess.run([sys.executable, "bench.py", "--out_dir", str(tmp_path), "--data_dir", str(tmp_path), *args],
-                          cwd=ROOT, capture_output=True, text=True)
+def run_bench(tmp_path, *args):  # from another folder than the repository's: a script runs from anywhere
+    script = os.path.join(EXPERIMENTS, "bench.py")
+    return subprocess.run([sys.executable, script, "--out_dir", str(tmp_path), "--data_dir", str(tmp_path), *args],
+                          cwd=tmp_path, capture_output=True, text=True)
 
 
 def write_dataset(folder, n=500, tokenizer="byte"):
@@ -91,8 +95,8 @@ def test_bench_ctrl_c_is_one_line(tmp_path):
     write_checkpoint(tmp_path)
     write_dataset(tmp_path)
     prelude = "import tidar\ndef stop(*a, **k): raise KeyboardInterrupt\ntidar.GPT.forward = stop"
-    launch = "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path('bench.py', run_name='__main__')"
-    run = subprocess.run([sys.executable, "-c", f"{prelude}\n{launch}", "bench.py", "--out_dir", str(tmp_path),
+    launch = "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    run = subprocess.run([sys.executable, "-c", f"{prelude}\n{launch}", "experiments/bench.py", "--out_dir", str(tmp_path),
                           "--data_dir", str(tmp_path), *SMALL], cwd=ROOT, capture_output=True, text=True)
     assert run.stderr == "bench.py: interrupted\n" and run.returncode == -signal.SIGINT
 
@@ -106,7 +110,7 @@ def test_ablations_run_on_cpu(tmp_path):
             "--drafter_dir", str(tmp_path / "drafter"), "--data_dir", str(tmp_path), "--device", "cpu",
             "--draft_lens", "2,4", "--speculative_lens", "1,3", "--num_prompts", "1", "--prompt_len", "8",
             "--max_new_tokens", "8"]
-    run = subprocess.run([sys.executable, "ablations.py", *args], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "experiments/ablations.py", *args], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     rule_rows = {tuple(line.split()[:2]): line for line in lines
@@ -191,10 +195,10 @@ PHASES = ["a-gpu-tests", "b-train", "c1-bench-val", "c2-bench-outside", "c3-benc
           "e-ar-baseline"]
 
 
-def reproduce(out, **env):
+def reproduce(out, **env):  # started from out's folder, not the repository's
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
-    return subprocess.run(["bash", "reproduce.sh", "--smoke", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", **env})
+    return subprocess.run(["bash", os.path.join(EXPERIMENTS, "reproduce.sh"), "--smoke", str(out)], cwd=out.parent,
+                          capture_output=True, text=True, env={**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", **env})
 
 
 def summary_rows(out):

@@ -20,13 +20,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import sample
-from ablations import generate_speculative
-from conftest import BYTE_MODEL, Drafts, random_prompt, scale_weights, write_checkpoint
+from conftest import BYTE_MODEL, ROOT, Drafts, random_prompt, scale_weights, write_checkpoint
 from sample import accept_probability, generate_ar, generate_tidar, residual
 from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions, prefill_mask
 from tidar import tidar_inputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+from ablations import generate_speculative  # noqa: E402  (the paper's baseline, which ablations.py measures)
 
 
 # --- greedy is lossless
