@@ -1,22 +1,18 @@
 """
-TiDAR decoding: draft, verify, cache, roll back, one forward per step (the paper's Figure 2; README, "Decoding:
-one forward per step")
+TiDAR decoding: draft, verify, cache, roll back, one forward per step (the paper's Figure 2; README,
+"Decoding: one forward per step"). generate_ar is the reference, one token per forward; generate_tidar
+commits 1 to k tokens per forward and, with beta = 1, is lossless against it: the same greedy output token
+for token, the same distribution when sampling. Each decodes one prompt or a batch (each row with its own
+length, acceptance and stopping), reads back to the host once per step, and on CUDA replays its step from a
+CUDA graph. experiments/ablations.py's generate_speculative, the paper's baseline, reuses verify.
 
     python sample.py --prompt "def fibonacci(n):"            # greedy, the checkpoint in out/
     python sample.py --prompt "def fibonacci(n):" --compare  # and plain AR beside it, same model
     python sample.py --prompt FILE:prompt.txt --show         # draw each step's drafts
     python sample.py --prompt "import os" --batch_size=8 --temperature=0.8  # 8 samples, decoded together
-
-generate_ar is the reference: one token per forward, the same KV cache. generate_tidar commits between
-1 and k tokens per forward and, with beta = 1, is lossless against it: greedy output is identical token
-for token, sampled output has exactly the same distribution. ablations.py's generate_speculative, the
-classic method the paper compares TiDAR with (a separate small drafter), is verified by the same code.
-
-Each decodes one prompt or a batch of prompts together: the batch is the leading axis of every tensor,
-and each row has its own length, acceptance and stopping. A step reads back to the host once, only what
-the host needs; on CUDA it is replayed from a CUDA graph.
 """
 import argparse
+import math
 import os
 import re
 import sys
@@ -30,8 +26,8 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from data.prepare import get_tokenizer  # noqa: E402
-from tidar import GPT, GPTConfig, KVCache, pick_device  # noqa: E402
-from tidar import causal_mask, decode_step_mask, decode_step_positions, place_step_mask, prefill_mask  # noqa: E402
+from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions  # noqa: E402
+from tidar import pick_device, place_step_mask, prefill_mask  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The decoders
@@ -54,7 +50,8 @@ def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, 
 
     def step(u):  # d_0 goes into the cache; the output after it decides the next token
         L = cache.length  # (N,)
-        logits = model(d0[:, None], L[:, None], causal_mask(1, L, cache.max_len, cache.device), cache)[:, 0]  # (N, V)
+        mask = causal_mask(1, L, cache.max_len, cache.device)
+        logits = model(d0[:, None], L[:, None], mask, cache)[:, 0]  # (N, V)
         y, _ = choose(logits, temperature, top_k, u[:, 0])
         cache.length.copy_(torch.minimum(L + 1, last))  # commit d_0 (a row never grows past `last`)
         d = d0.clone()
@@ -66,10 +63,8 @@ def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, 
 
 
 @torch.no_grad()
-def generate_tidar(
-    model, prompt_ids, max_new_tokens, draft_len=None, temperature=0.0, top_k=None, beta=1.0, rule="lossless",
-    generator=None, capture=True,
-):
+def generate_tidar(model, prompt_ids, max_new_tokens, draft_len=None, temperature=0.0, top_k=None, beta=1.0,
+                   rule="lossless", generator=None, capture=True):
     """
     TiDAR decoding (the paper's Figure 2) of one prompt or a batch, as generate_ar. Returns (new_token_ids,
     stats), a list of each for a batch: stats["forwards"] counts forward passes (prefill included),
@@ -84,43 +79,50 @@ def generate_tidar(
     N, T, paper = len(prompts), k + k * k, rule == "paper"  # N rows (the batch), T queries per step
     cache, last = new_cache(model, prompts, max_new_tokens, T)
     draw = uniforms(N, 2 * k, temperature, generator, cache.device)
-    rows, mask_ids = torch.arange(N, device=cache.device), torch.full((N, k * k), config.mask_id, device=cache.device)
-    own = decode_step_mask(0, k, device=cache.device)  # (T, T): a step's mask among its own tokens, the same every step
+    rows = torch.arange(N, device=cache.device)
+    mask_ids = torch.full((N, k * k), config.mask_id, device=cache.device)
+    own = decode_step_mask(0, k, device=cache.device)  # (T, T): a step's mask among its own tokens, fixed
 
     # Prefill: each prompt (causal), then k masks at positions P .. P+k-1 that see the whole prompt and each
     # other. d_0 comes from the AR output at p_{P-1} (mixed with mask slot 0; under the paper's rule slot 0
     # alone, (choice) as at every later step); slots 1 .. k-1 are the drafts.
     ar_last, slots = prefill(model, prompts, k, cache)  # (N, V), (N, k, V)
     u = draw()
-    d0, _ = choose(slots[:, 0] if paper else mix(ar_last, slots[:, 0], beta), temperature, top_k, u[:, 0])  # (N,)
-    drafts, q = choose(slots[:, 1:], temperature, top_k, u[:, 1:k])  # d_1 .. d_{k-1} (N, k-1), drawn from q (N, k-1, V)
+    d0, _ = choose(slots[:, 0] if paper else mix(ar_last, slots[:, 0], beta), temperature, top_k, u[:, 0])
+    drafts, q = choose(slots[:, 1:], temperature, top_k, u[:, 1:k])  # d_1 .. d_{k-1} (N, k-1) ~ q (N, k-1, V)
 
+    # The step updates its state (d0, drafts, q, cache.length) in place and takes pre-drawn uniforms, so that
+    # it reads and writes only tensors that stay put: then it can be captured as a CUDA graph and replayed.
     def step(u):  # u (N, 2k): the step's uniforms
         L = cache.length  # (N,), the cache's own tensor: read it before the commit in 4 changes it
         # 1. Draft and pre-draft in one forward: d_0 .. d_{k-1} at L .. L+k-1 (causal), then blocks 1 .. k;
         #    block b (positions L+b .. L+b+k-1) sees the cache and d_0 .. d_{b-1}: it is the pre-draft for
         #    "d_0 .. d_{b-1} accepted". All T tokens' K/V are written to the cache past its committed length.
         d = torch.cat([d0[:, None], drafts], dim=1)  # (N, k)
-        # The paper's mask trick (README, "The KV cache"): own, built once, placed after each row's L cache entries.
+        # The paper's mask trick (README, "Decoding: one forward per step"): own, built once, placed after
+        # each row's L cache entries.
         pos, mask = decode_step_positions(L, k, cache.device), place_step_mask(own, L, cache.max_len)
         logits = model(torch.cat([d, mask_ids], dim=1), pos, mask, cache)  # (N, T, V)
-        ar, blocks = logits[:, :k], logits[:, k:].view(N, k, k, -1)  # ar[:, j]: after d_j; blocks[:, b-1]: block b
-        target = mix(ar, blocks[:, :, 0], beta)  # (N, k, V): row j for position L+j+1, where block j+1's slot 0 is too
+        # ar[:, j]: the AR output after d_j; blocks[:, b-1]: block b. Row j of the target is for position
+        # L+j+1, where block j+1's slot 0 sits too.
+        ar, blocks = logits[:, :k], logits[:, k:].view(N, k, k, -1)  # (N, k, V), (N, k, k, V)
+        target = mix(ar, blocks[:, :, 0], beta)  # (N, k, V)
 
         # 2. Verify d_1 .. d_{k-1} in order, each against the target of its position: the AR output after the
         #    token before it (mixed with slot 0 when beta < 1); stop at the first rejection (the paper's rule:
         #    by argmax match).
         # 3. Decide y at L+n+1: the correction, or the bonus token when all were accepted.
-        n, y = verify(probabilities(target, 0.0 if paper else temperature, top_k), q, drafts, u[:, :k])  # (N,) each
+        p = probabilities(target, 0.0 if paper else temperature, top_k)
+        n, y = verify(p, q, drafts, u[:, :k])  # (N,) each
         chosen = blocks[rows, n]  # (N, k, V): block n+1, whose context is exactly the tokens now committed
         if paper:  # the authors' rule: drafts pass by argmax match, and y is slot 0 of block n+1, unverified
             y, _ = choose(chosen[:, 0], temperature, top_k, u[:, -1])
 
         # 4. Commit d_0 .. d_n: their K/V, written by this forward with causal attention, are what an AR
-        #    model would have written. Everything after them (rejected drafts, all masks) is rolled back.
+        #    model would have written. Roll back everything after them (rejected drafts, all masks).
         cache.length.copy_(torch.minimum(L + n + 1, last))
 
-        # 5. Next state: d_0 = y; the drafts are slots 1 .. k-1 of block n+1 (its slot 0 sat at y's position,
+        # 5. Next drafts: d_0 = y; the drafts are slots 1 .. k-1 of block n+1 (its slot 0 sat at y's position,
         #    so not slots 0 .. k-2).
         next_drafts, next_q = choose(chosen[:, 1:], temperature, top_k, u[:, k : 2 * k - 1])
         d0.copy_(y)
@@ -146,8 +148,8 @@ def verify(p, q, drafts, u):
     after d_j. drafts (N, D) = d_1 .. d_D, drawn from q (N, D, V); u (N, D+1) uniforms in [0, 1).
     d_j is accepted when u < min(1, p/q), and n is the length of the leading run of acceptances; y, at the
     position after d_n, is drawn from normalize(max(0, p - q)) after a rejection, or from p itself when all
-    were accepted (the bonus token: there is no q there, the same formula with q = 0). Returns (n, y), (N,) each.
-    (choice) This is standard speculative sampling, which the paper cites but does not spell out: the
+    were accepted (the bonus token: there is no q there, the same formula with q = 0). Returns (n, y), (N,)
+    each. (choice) This is standard speculative sampling, which the paper cites but does not spell out: the
     output is then distributed exactly as AR sampling from the same model.
     """
     D = drafts.size(1)  # k - 1 for TiDAR, k for speculative decoding
@@ -172,11 +174,13 @@ def residual(p, q):
 
 
 def probabilities(logits, temperature, top_k):
-    """The distribution to draw from, (..., V): softmax(logits / temperature) over the top_k; one-hot when greedy."""
+    """The distribution to draw from, (..., V): softmax(logits / temperature) over the top_k; when greedy,
+    one-hot at the argmax."""
     if temperature == 0:
-        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        one_hot = torch.zeros_like(logits, dtype=torch.float32)
+        return one_hot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
     logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # <= 0: no overflow, even for a tiny T
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # <= 0: no overflow, even for tiny T
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -184,9 +188,10 @@ def probabilities(logits, temperature, top_k):
 
 
 def sample_from(p, u):
-    """Draw from p (..., V) with uniforms u (...) by inverting the cumulative distribution (no host sync)."""
+    """Draw from p (..., V) with uniforms u (...) by inverting the cumulative distribution (no host sync).
+    u = 0 picks a one-hot's token."""
     cdf = p.cumsum(dim=-1)
-    return (cdf <= u[..., None] * cdf[..., -1:]).sum(dim=-1).clamp(max=p.size(-1) - 1)  # u = 0: a one-hot's token
+    return (cdf <= u[..., None] * cdf[..., -1:]).sum(dim=-1).clamp(max=p.size(-1) - 1)
 
 
 def choose(logits, temperature, top_k, u):
@@ -210,43 +215,38 @@ def as_batch(prompt_ids, eot_id):
     return [list(prompt) or [eot_id] for prompt in ([prompt_ids] if one else prompt_ids)], one
 
 
-def check_request(config, prompts, max_new_tokens, temperature, top_k, room=0, k=1, beta=1.0, rule="lossless"):
+def check_request(config, prompts, max_new_tokens, temperature, top_k, room=0, k=1, beta=1.0,
+                  rule="lossless"):
     """Bad requests fail before decoding starts, each with a message that says what to change. room: the
     positions a step reaches past the last token (2k for TiDAR: its last block ends at L + 2k - 1)."""
-    ids = [t for prompt in prompts for t in prompt]
-    if not all(isinstance(t, int) and 0 <= t < config.vocab_size for t in ids):  # [MASK] is no prompt token
-        raise ValueError(f"prompt token ids must be ints in [0, {config.vocab_size}), got {min(ids)}..{max(ids)}")
-    if k < 1:
-        raise ValueError(f"draft_len must be at least 1, got {k}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not temperature >= 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
-    if 0 < temperature < torch.finfo(torch.float32).tiny:
-        raise ValueError(f"temperature {temperature} is too small to divide by in float32: use 0 for greedy")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1 (or unset), got {top_k}")
-    if not 0 <= beta <= 1:
-        raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    if rule not in ("lossless", "paper"):
-        raise ValueError(f"rule must be 'lossless' or 'paper', got {rule!r}")
-    P, S = max(len(prompt) for prompt in prompts), config.seq_len
-    if P + max_new_tokens + room > S:
-        drafts = f" + room for the drafts ({room})" if room else ""
-        or_k = ", or use a smaller draft_len" if room else ""
-        fix = (f"use max_new_tokens <= {S - P - room}" if S - P - room >= 1 else
-               "use a smaller draft_len: its room alone fills the context" if room >= S - 1 else
-               f"shorten the prompt to {S - 1 - room} tokens or fewer{or_k}")
-        raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}){drafts} = "
-                         f"{P + max_new_tokens + room} exceeds the model's context of {S}: {fix}")
+    ids, V, S, P = [t for p in prompts for t in p], config.vocab_size, config.seq_len, max(map(len, prompts))
+    drafts, or_k = (f" + room for the drafts ({room})", ", or use a smaller draft_len") if room else ("", "")
+    fix = (f"use max_new_tokens <= {S - P - room}" if S - P - room >= 1 else
+           "use a smaller draft_len: its room alone fills the context" if room >= S - 1 else
+           f"shorten the prompt to {S - 1 - room} tokens or fewer{or_k}")
+    for ok, message in [  # checked in order: the first that fails is the error
+        (all(isinstance(t, int) and 0 <= t < V for t in ids),  # [MASK] (id V) is no prompt token
+         f"prompt token ids must be ints in [0, {V}), got {min(ids)}..{max(ids)}"),
+        (k >= 1, f"draft_len must be at least 1, got {k}"),
+        (max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
+        (0 <= temperature < math.inf, f"temperature must be a number >= 0 (0 = greedy), got {temperature}"),
+        (not 0 < temperature < torch.finfo(torch.float32).tiny,
+         f"temperature {temperature} is too small to divide by in float32: use 0 for greedy"),
+        (top_k is None or top_k >= 1, f"top_k must be at least 1 (or unset), got {top_k}"),
+        (0 <= beta <= 1, f"beta must lie in [0, 1], got {beta}"),
+        (rule in ("lossless", "paper"), f"rule must be 'lossless' or 'paper', got {rule!r}"),
+        (P + max_new_tokens + room <= S, f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}){drafts} = "
+         f"{P + max_new_tokens + room} exceeds the model's context of {S}: {fix}"),
+    ]:
+        if not ok:
+            raise ValueError(message)
 
 
 def new_cache(model, prompts, max_new_tokens, T):
     """
     A static cache for the batch, with room for T tokens per forward, and `last`, the longest committed
     length a row can need (its prompt and max_new_tokens - 1 tokens: the last token is never fed back).
-    (choice) A row that is done keeps its place: commits stop at `last`, so its steps stay inside the
-    buffer and the context, and its outputs are ignored.
+    (choice) A row that is done keeps its place: commits stop at `last`, and its outputs are ignored.
     """
     device, dtype = next((w.device, w.dtype) for w in model.parameters())
     cache = KVCache(model.config, len(prompts), max(map(len, prompts)) + max_new_tokens + T, device, dtype)
@@ -287,18 +287,19 @@ def trim(out, eot_id, max_new_tokens):
 
 def run(step, d0, draw, max_new_tokens, eot_id, capture):
     """
-    The loop around a decoder's step: draw the step's random numbers, step, and read back, once per step,
-    what the host needs: the tokens fed d (N, k or k+1), the accepted count n and the decided y. Each live row
-    gets d_1 .. d_n, y; a row stops at <|endoftext|> or max_new_tokens. Returns per row the new tokens and
-    the trace [(d, n, y)] of its steps.
+    The loop around a decoder's step: draw the step's random numbers, step, and read back what the host
+    needs: the tokens fed d (N, k or k+1), the accepted count n and the decided y. Each live row gets
+    d_1 .. d_n, y, and stops at <|endoftext|> or max_new_tokens. Returns per row its new tokens and the
+    trace [(d, n, y)] of its steps.
     """
-    out, done = map(list, zip(*(trim([t], eot_id, max_new_tokens) for t in d0.tolist())))  # d_0, from the prefill
+    out, done = map(list, zip(*(trim([t], eot_id, max_new_tokens) for t in d0.tolist())))  # the prefill's d_0
     traces = [[] for _ in out]
     if capture and d0.is_cuda:
         step = cuda_graph(step)
     while not all(done):
         d, n, y = step(draw())
-        for i, (*d_i, n_i, y_i) in enumerate(torch.cat([d, n[:, None], y[:, None]], dim=1).tolist()):  # the sync
+        read = torch.cat([d, n[:, None], y[:, None]], dim=1).tolist()  # the one read back (a sync) of a step
+        for i, (*d_i, n_i, y_i) in enumerate(read):
             if not done[i]:
                 traces[i].append((d_i, n_i, y_i))
                 out[i], done[i] = trim(out[i] + d_i[1 : n_i + 1] + [y_i], eot_id, max_new_tokens)
@@ -308,12 +309,10 @@ def run(step, d0, draw, max_new_tokens, eot_id, capture):
 def cuda_graph(step):
     """
     step(*inputs) replayed from a CUDA graph: its kernels are recorded once and relaunched by one call, so a
-    step of a small model costs the GPU's time instead of Python's. This works because a step's shapes never
-    change and it reads and writes only tensors that stay in place: its inputs (the uniforms) are copied into
-    the graph's own, and the tensors it closes over (the cache, the drafts) are updated in place.
-    The first call is a real step, run eagerly on a side stream (as the warm-up before a capture must be);
-    it then records the step, and every later call of this generation replays it and returns the same
-    output tensors, refilled. Each generation records its own graph: nothing is kept across calls.
+    step of a small model costs the GPU's time, not Python's. The first call is a real step, run eagerly on
+    a side stream (the warm-up a capture needs); then the step is recorded, and every later call copies its
+    inputs into the graph's own, replays, and returns the same output tensors, refilled. Each generation
+    records its own graph.
     """
     graph = inputs = outputs = None
 
@@ -344,21 +343,23 @@ parser = argparse.ArgumentParser(description="TiDAR decoding of a checkpoint wri
 parser.add_argument("--prompt", default="", help="text, or FILE:path (prompts separated by lines "
                     "'<|endoftext|>'); empty = start of a document")
 parser.add_argument("--out_dir", default="out", help="folder with ckpt.pt")
-parser.add_argument("--num_samples", type=int, default=1, help="how many times to decode, each with its own seed")
-parser.add_argument("--batch_size", type=int, default=1, help="sequences decoded together: copies of the prompt, "
-                    "or the prompts of a FILE: that holds several, this many at a time")
-parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 256, or what the model's context leaves")
+parser.add_argument("--num_samples", type=int, default=1, help="times to decode, each with its own seed")
+parser.add_argument("--batch_size", type=int, default=1, help="sequences decoded together: copies of the "
+                    "prompt, or the prompts of a FILE: that holds several, this many at a time")
+parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 256, or what the model's "
+                    "context leaves")
 parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
 parser.add_argument("--top_k", type=int, default=None)
 parser.add_argument("--draft_len", type=int, default=None, help="k; default: the block length B of training")
 parser.add_argument("--beta", type=float, default=1.0, help="targets = beta * AR + (1 - beta) * mask slot 0: "
-                    "1 = trust AR (lossless under --rule=lossless); the authors' default with --rule=paper is 0")
+                    "1 = trust AR (lossless under --rule=lossless); the authors' default with --rule=paper "
+                    "is 0")
 parser.add_argument("--rule", default="lossless", choices=["lossless", "paper"],
                     help="paper: the authors' released rule, which commits slot 0 of each block unverified")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="float32 keeps --compare's identity exact; bfloat16 is faster on a GPU")
-parser.add_argument("--eager", action="store_true", help="on CUDA: launch every kernel from Python instead of "
-                    "replaying each step from a CUDA graph")
+parser.add_argument("--eager", action="store_true", help="on CUDA: launch every kernel from Python "
+                    "instead of replaying each step from a CUDA graph")
 parser.add_argument("--seed", type=int, default=1337)
 parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
 parser.add_argument("--compare", action="store_true", help="also decode with plain AR and compare")
@@ -381,12 +382,11 @@ def load_checkpoint(out_dir, device, dtype=torch.float32):
         enc = get_tokenizer(ckpt["tokenizer"])
     except (RuntimeError, ValueError) as e:  # gpt2's vocabulary could not be downloaded, say
         fail(str(e))
-    if (enc.n_vocab, enc.eot_token) != (model.config.vocab_size, model.config.eot_id):
-        fail(
-            f"{path} was trained on {model.config.vocab_size} tokens with <|endoftext|> = {model.config.eot_id}, "
-            f"but tokenizer {ckpt['tokenizer']!r} has {enc.n_vocab} and {enc.eot_token}: "
-            "the checkpoint does not match its tokenizer"
-        )
+    config = model.config
+    if (enc.n_vocab, enc.eot_token) != (config.vocab_size, config.eot_id):
+        fail(f"{path} was trained on {config.vocab_size} tokens with <|endoftext|> = {config.eot_id}, but "
+             f"tokenizer {ckpt['tokenizer']!r} has {enc.n_vocab} and {enc.eot_token}: the checkpoint does "
+             "not match its tokenizer")
     return model.to(device, dtype).eval(), enc
 
 
@@ -407,15 +407,13 @@ def read_prompts(text, enc, batch_size):
 
 
 def show_step(enc, d, n, y, colour):
-    """One line per step: d_0 (decided last step), accepted drafts, rejected drafts, then y."""
-    text = lambda ids: enc.decode(ids).encode("unicode_escape").decode().replace(" ", "·")  # one line, spaces seen
-    parts = [  # (text, terminal colour, plain-text form)
-        (text(d[:1]), "1", "{}"),
-        (text(d[1 : n + 1]), "32", "{}"),
-        (text(d[n + 1 :]), "9;31", "[-{}-]"),
-        (text([y]), "1;33", "{{+{}+}}"),
-    ]
-    if colour:  # bold d_0, green accepted, red struck-through rejected, bold yellow y
+    """One line per step: d_0 (decided last step), accepted drafts, rejected drafts, then y: in bold, green,
+    red struck through and bold yellow on a terminal, else marked as plain text."""
+    text = lambda ids: enc.decode(ids).encode("unicode_escape").decode().replace(" ", "·")  # spaces seen
+    parts = [(d[:1], "1", "{}"), (d[1 : n + 1], "32", "{}"), (d[n + 1 :], "9;31", "[-{}-]"),
+             ([y], "1;33", "{{+{}+}}")]
+    parts = [(text(ids), code, plain) for ids, code, plain in parts]  # text, terminal colour, plain-text form
+    if colour:
         return "".join(f"\033[{code}m{s}\033[0m" for s, code, _ in parts if s)
     return "".join(plain.format(s) for s, _, plain in parts if s)
 
@@ -439,49 +437,48 @@ def main(args):
             fail(f"--{name} must be at least 1, got {getattr(args, name)}", 2)
     model, enc = load_checkpoint(args.out_dir, args.device, getattr(torch, args.dtype))
     texts, prompts = read_prompts(args.prompt, enc, args.batch_size)
+    k, eot, colour = args.draft_len or model.config.block_len, model.config.eot_id, sys.stdout.isatty()
     if args.max_new_tokens is None:  # what fits beside the longest prompt and the drafts' room, at most 256
-        room = 2 * (args.draft_len or model.config.block_len)
         longest = max(len(prompt) or 1 for prompt in prompts)
-        args.max_new_tokens = max(1, min(256, model.config.seq_len - room - longest))
+        args.max_new_tokens = max(1, min(256, model.config.seq_len - 2 * k - longest))
     generator = torch.Generator(device=args.device)
-    colour, eot = sys.stdout.isatty(), model.config.eot_id
-    k = args.draft_len or model.config.block_len
-    options = dict(temperature=args.temperature, top_k=args.top_k, capture=not args.eager)
+    options = dict(temperature=args.temperature, top_k=args.top_k, generator=generator,
+                   capture=not args.eager)
     for sample_idx in range(args.num_samples):
         for start in range(0, len(prompts), args.batch_size):
-            batch, batch_texts = prompts[start : start + args.batch_size], texts[start : start + args.batch_size]
+            batch, batch_texts = (x[start : start + args.batch_size] for x in (prompts, texts))
             tidar = lambda: generate_tidar(model, batch, args.max_new_tokens, args.draft_len, beta=args.beta,
-                                           rule=args.rule, generator=generator, **options)
-            ar = lambda: generate_ar(model, batch, args.max_new_tokens, generator=generator, **options)
+                                           rule=args.rule, **options)
+            ar = lambda: generate_ar(model, batch, args.max_new_tokens, **options)
             try:
                 if args.compare and sample_idx == 0 and start == 0:  # warm up both: first calls pay for setup
-                    tidar(), ar()  # (and on CUDA record the step graphs that the timed calls replay)
+                    tidar(), ar()
                 generator.manual_seed(args.seed + sample_idx)
                 (outs, stats), seconds = timed(tidar, args.device)
-            except ValueError as e:  # a request that cannot be decoded: what to change, before decoding starts
+            except ValueError as e:  # a request that cannot be decoded: what to change, before decoding
                 fail(str(e), 2)
-            for row, (text, out, st) in enumerate(zip(batch_texts, outs, stats)):
+            for text, out, st in zip(batch_texts, outs, stats):
                 if args.show:
-                    print(f"each step: d_0 (bold), accepted drafts (green{'' if colour else ' as is'}), rejected "
-                          f"drafts ({'red' if colour else '[-...-]'}), the decided next token "
+                    print(f"each step: d_0 (bold), accepted drafts (green{'' if colour else ' as is'}), "
+                          f"rejected drafts ({'red' if colour else '[-...-]'}), the decided next token "
                           f"({'yellow' if colour else '{+...+}'})")
                     for s, (d, n, y) in enumerate(st["trace"], 1):
                         print(f"step {s:3d} | {show_step(enc, d, n, y, colour)}")
                     print("-" * 60)
                 print(text + enc.decode([t for t in out if t != eot]))
-                hist = [st["committed"].count(c) for c in range(1, k + 1)]
-                print(f"--- TiDAR: {len(out)} new tokens, {st['forwards']} forwards, "
-                      f"{len(out) / st['forwards']:.2f} tokens/forward, steps committing 1..{k} tokens: {hist}")
+                hist, n, f = [st["committed"].count(c) for c in range(1, k + 1)], len(out), st["forwards"]
+                print(f"--- TiDAR: {n} new tokens, {f} forwards, {n / f:.2f} tokens/forward, steps "
+                      f"committing 1..{k} tokens: {hist}")
             n_tokens = sum(map(len, outs))
-            print(f"--- TiDAR ({args.rule}): {n_tokens} new tokens in {seconds:.2f} s, {n_tokens / seconds:.1f} "
-                  f"tokens/s on {args.device}, batch of {len(batch)}")
+            print(f"--- TiDAR ({args.rule}): {n_tokens} new tokens in {seconds:.2f} s, "
+                  f"{n_tokens / seconds:.1f} tokens/s on {args.device}, batch of {len(batch)}")
             if args.compare:
                 generator.manual_seed(args.seed + sample_idx)
                 ar_outs, ar_seconds = timed(ar, args.device)
                 ar_tokens = sum(map(len, ar_outs))
                 same = f", outputs identical: {ar_outs == outs}" if args.temperature == 0 else ""
-                print(f"--- AR: {ar_tokens} new tokens, {ar_tokens / ar_seconds:.1f} tokens/s; TiDAR/AR speed: "
-                      f"{(n_tokens / seconds) / (ar_tokens / ar_seconds):.2f}x{same}")
+                print(f"--- AR: {ar_tokens} new tokens, {ar_tokens / ar_seconds:.1f} tokens/s; "
+                      f"TiDAR/AR speed: {(n_tokens / seconds) / (ar_tokens / ar_seconds):.2f}x{same}")
 
 
 if __name__ == "__main__":
