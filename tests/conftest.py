@@ -1,5 +1,13 @@
+import atexit
+import faulthandler
 import os
+import runpy
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from dataclasses import asdict
 
 import pytest
@@ -68,3 +76,113 @@ def scale_weights(model, factor):
         for w in model.parameters():
             w.mul_(factor)
     return model
+
+
+def run_script(script, *args, prelude="", env=None, cwd=ROOT, timeout=300):
+    """
+    `python script *args` as a user runs it, but in a child forked from this process, where torch is already
+    imported: it starts in milliseconds, not seconds. Returns a subprocess.CompletedProcess (stdout and stderr
+    as text, returncode negative for a signal). script: a path from the repository's root (or absolute);
+    prelude: Python run in the child first, to patch something there alone; env: updates to os.environ.
+    Unlike a fresh interpreter, the child shares the modules this process has imported and torch's thread
+    count (1, above): a property that needs a real interpreter (torchrun, a real pipe) keeps subprocess.
+    """
+    return start_script(script, *args, prelude=prelude, env=env, cwd=cwd).wait(timeout)
+
+
+def start_script(script, *args, prelude="", env=None, cwd=ROOT):
+    """run_script without waiting: the running child, for a test that runs several at once or meets one."""
+    # what a first torch.optim optimizer imports (2 s): once here, not in each child
+    import torch._dynamo  # noqa: F401
+
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 70
+        try:
+            code = _run_in_child(os.path.join(ROOT, script), [script, *args], prelude, env, cwd, out, err)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return Script(pid, [script, *args], out, err)
+
+
+def _run_in_child(path, argv, prelude, env, cwd, out, err):
+    """What the interpreter does with `python path argv[1:]`: its exit status, as CPython would set it."""
+    atexit._clear()  # pytest's exit handlers are not the script's
+    faulthandler.disable()
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1,
+                                       closefd=False)
+    sys.stdin = sys.__stdin__ = open(os.devnull)
+    sys.excepthook = sys.__excepthook__
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.update(env or {})
+    os.chdir(cwd)
+    sys.argv = argv
+    sys.path.insert(0, os.path.dirname(os.path.realpath(path)))
+    interrupted = False
+    try:
+        exec(prelude, {"__name__": "__prelude__"})
+        runpy.run_path(path, run_name="__main__")
+        code = 0
+    except SystemExit as e:  # None: 0; a number: itself; anything else is printed, and 1
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException as e:  # the traceback (or the script's own hook), then 1, or Ctrl-C's signal
+        tbs = [e.__traceback__]
+        while tbs[-1].tb_next:
+            tbs.append(tbs[-1].tb_next)
+        # from the script's first frame on, as python shows it: not this function's or runpy's
+        tb = next((tb for tb in tbs if tb.tb_frame.f_code.co_filename == path), e.__traceback__)
+        sys.excepthook(type(e), e.with_traceback(tb), tb)
+        code, interrupted = 1, isinstance(e, KeyboardInterrupt)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            pass
+    if interrupted:  # as CPython ends after an uncaught Ctrl-C: by the signal itself
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return code & 0xFF
+
+
+class Script:
+    """A script running in a forked child (start_script): pid, poll(), wait(timeout) -> CompletedProcess."""
+
+    def __init__(self, pid, args, out, err):
+        self.pid, self.args, self.out, self.err = pid, args, out, err
+        self.returncode = self.result = None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=300):
+        if self.result is not None:
+            return self.result
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.005)
+        text = []
+        for f in (self.out, self.err):
+            f.seek(0)
+            text.append(f.read().decode("utf-8", errors="replace"))
+            f.close()
+        self.result = subprocess.CompletedProcess(self.args, self.returncode, *text)
+        return self.result
