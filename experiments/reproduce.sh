@@ -29,19 +29,26 @@ mkdir -p "$OUT" "$MODELS" || exit 1
 MODELS=$(cd "$MODELS" && pwd)
 rm -f "$OUT"/*.log "$OUT"/summary.md
 export PYTHONUNBUFFERED=1
-PY=""  # the first of python, python3 that has what the project needs (a GPU machine's python may be another)
+# The first of python, python3 that has what the project needs (a GPU machine's python may be another), and
+# in the same start (torch takes seconds to import) what the summary names: torch's version, the device,
+# and pytest's own sources, Python that is in no default corpus.
+probe="import os, numpy, tiktoken, torch, _pytest
+print(torch.__version__)
+print(os.path.dirname(_pytest.__file__))
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+PY=""
 for candidate in python python3; do
-    if command -v "$candidate" > /dev/null && "$candidate" -c "import torch, numpy, tiktoken, pytest" 2> /dev/null; then
+    if command -v "$candidate" > /dev/null && found=$("$candidate" -c "$probe" 2> /dev/null); then
         PY=$(command -v "$candidate")
         break
     fi
 done
 [ -n "$PY" ] || {
-    echo "reproduce.sh: error: neither python nor python3 has torch, numpy, tiktoken and pytest: pip install -r requirements.txt"
+    echo "reproduce.sh: error: neither python nor python3 has torch, numpy, tiktoken and pytest:" \
+         "pip install -r requirements.txt"
     exit 1
 }
-device=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
-outside=$("$PY" -c "import os, _pytest; print(os.path.dirname(_pytest.__file__))")  # Python in no default corpus
+{ read -r torch_version; read -r outside; read -r device; } <<< "$found"
 
 if [ $smoke = 1 ]; then  # the same commands at tiny sizes, on the CPU: checked end to end in about a minute
     "$PY" data/prepare.py --input README.md --name "$MODELS/data" --overwrite > /dev/null || exit 1
@@ -72,7 +79,8 @@ rows=()  # summary.md's table, a row per phase
 failed=0
 summarize() {
     {
-        echo "# bash reproduce.sh$([ $smoke = 1 ] && echo " --smoke"): $device, torch $("$PY" -c "import torch; print(torch.__version__)"), $(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo "# bash experiments/reproduce.sh$([ $smoke = 1 ] && echo " --smoke"): $device, torch $torch_version," \
+             "$(date -u '+%Y-%m-%d %H:%M UTC')"
         echo
         echo "| phase | status | seconds | command |"
         echo "|---|---|---|---|"

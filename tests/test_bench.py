@@ -12,7 +12,7 @@ import pytest
 import torch
 from dataclasses import replace
 
-from conftest import BYTE_MODEL, ROOT, Drafts, random_prompt, scale_weights, write_checkpoint
+from conftest import BYTE_MODEL, ROOT, Drafts, random_prompt, run_script, scale_weights, write_checkpoint
 from sample import generate_ar, generate_tidar
 from tidar import GPT, causal_mask, prefill_mask
 
@@ -25,10 +25,9 @@ SMALL = ["--device", "cpu", "--draft_lens", "2,4", "--num_prompts", "2", "--batc
          "--max_new_tokens", "16", "--cache_len", "16", "--max_queries", "128", "--train_batch", "2", "--repeats", "1"]
 
 
-def run_bench(tmp_path, *args):  # from another folder than the repository's: a script runs from anywhere
-    script = os.path.join(EXPERIMENTS, "bench.py")
-    return subprocess.run([sys.executable, script, "--out_dir", str(tmp_path), "--data_dir", str(tmp_path), *args],
-                          cwd=tmp_path, capture_output=True, text=True)
+def run_bench(tmp_path, *args, prelude=""):  # started from another folder than the repository's root
+    return run_script("experiments/bench.py", "--out_dir", str(tmp_path), "--data_dir", str(tmp_path), *args,
+                      prelude=prelude, cwd=tmp_path)
 
 
 def write_dataset(folder, n=500, tokenizer="byte"):
@@ -95,9 +94,7 @@ def test_bench_ctrl_c_is_one_line(tmp_path):
     write_checkpoint(tmp_path)
     write_dataset(tmp_path)
     prelude = "import tidar\ndef stop(*a, **k): raise KeyboardInterrupt\ntidar.GPT.forward = stop"
-    launch = "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
-    run = subprocess.run([sys.executable, "-c", f"{prelude}\n{launch}", "experiments/bench.py", "--out_dir", str(tmp_path),
-                          "--data_dir", str(tmp_path), *SMALL], cwd=ROOT, capture_output=True, text=True)
+    run = run_bench(tmp_path, *SMALL, prelude=prelude)
     assert run.stderr == "bench.py: interrupted\n" and run.returncode == -signal.SIGINT
 
 
@@ -110,7 +107,9 @@ def test_ablations_run_on_cpu(tmp_path):
             "--drafter_dir", str(tmp_path / "drafter"), "--data_dir", str(tmp_path), "--device", "cpu",
             "--draft_lens", "2,4", "--speculative_lens", "1,3", "--num_prompts", "1", "--prompt_len", "8",
             "--max_new_tokens", "8"]
-    run = subprocess.run([sys.executable, "experiments/ablations.py", *args], cwd=ROOT, capture_output=True, text=True)
+    # a real interpreter, from another folder: ablations.py must find the root's modules and bench.py itself
+    run = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "ablations.py"), *args], cwd=tmp_path,
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     rule_rows = {tuple(line.split()[:2]): line for line in lines
@@ -219,9 +218,10 @@ def test_reproduce_smoke_runs_every_phase(tmp_path):
     assert {"ar", "tidar"} <= set(os.listdir(tmp_path / "results-models"))
 
 
-def test_reproduce_finds_the_python_that_has_torch(tmp_path):
-    """A `python` without the project's packages (as on a GPU machine whose python3 holds torch) is passed
-    over for `python3`; with neither, one line says what to install."""
+def test_reproduce_goes_on_after_a_phase_fails_with_the_python_that_has_torch(tmp_path):
+    """A phase that runs out of time is marked so, and the phases after it still run (or say why they cannot).
+    In the same run: a `python` without the project's packages (as on a GPU machine whose python3 holds
+    torch) is passed over for `python3`; with neither, one line says what to install."""
     fake = tmp_path / "bin"
     fake.mkdir()
 
@@ -232,19 +232,14 @@ def test_reproduce_finds_the_python_that_has_torch(tmp_path):
     without_packages("python")
     python3 = os.path.join(os.path.dirname(sys.executable), "python3")
     path = os.pathsep.join([str(fake), os.path.dirname(sys.executable), os.environ["PATH"]])
-    r = reproduce(tmp_path / "results", PATH=path, LIMITS="1 1 1 1 1 1 1")
+    r = reproduce(tmp_path / "results", PATH=path, LIMITS="1 1 60 60 60 60 60")  # a and b: one second each
     assert f"== a-gpu-tests (at most 1s): {python3} -m pytest" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 1
+    rows = summary_rows(tmp_path / "results")
+    assert rows == {"a-gpu-tests": "ran out of time", "b-train": "ran out of time", "e-ar-baseline": "ok"}
+    assert "| c, d | skipped: b left no checkpoint |" in (tmp_path / "results" / "summary.md").read_text()
     without_packages("python3")
     r = reproduce(tmp_path / "results", PATH=f"{fake}{os.pathsep}/usr/bin{os.pathsep}/bin")
     assert r.returncode == 1 and r.stdout.splitlines() == [
         "reproduce.sh: error: neither python nor python3 has torch, numpy, tiktoken and pytest: pip install -r "
         "requirements.txt"]
-
-
-def test_reproduce_goes_on_after_a_phase_fails(tmp_path):
-    """A phase that runs out of time is marked so, and the phases after it still run (or say why they cannot)."""
-    r = reproduce(tmp_path / "results", LIMITS="1 1 60 60 60 60 60")  # a and b: one second each
-    assert r.returncode == 1
-    rows = summary_rows(tmp_path / "results")
-    assert rows == {"a-gpu-tests": "ran out of time", "b-train": "ran out of time", "e-ar-baseline": "ok"}
-    assert "| c, d | skipped: b left no checkpoint |" in (tmp_path / "results" / "summary.md").read_text()

@@ -10,7 +10,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -20,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import sample
-from conftest import BYTE_MODEL, ROOT, Drafts, random_prompt, scale_weights, write_checkpoint
+from conftest import BYTE_MODEL, ROOT, Drafts, random_prompt, run_script, scale_weights, write_checkpoint
 from sample import accept_probability, generate_ar, generate_tidar, residual
 from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions, prefill_mask
 from tidar import tidar_inputs
@@ -653,9 +652,8 @@ def test_ar_checks_its_context_too(tiny):
 def test_cli_end_to_end(tmp_path):
     write_checkpoint(tmp_path)
     (tmp_path / "prompt.txt").write_text("def fibonacci(n):\n")
-    args = [sys.executable, "sample.py", "--out_dir", str(tmp_path), "--prompt", f"FILE:{tmp_path / 'prompt.txt'}"]
-    args += ["--max_new_tokens", "20", "--compare", "--show", "--device", "cpu"]
-    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    args = ["--out_dir", str(tmp_path), "--prompt", f"FILE:{tmp_path / 'prompt.txt'}"]
+    run = run_script("sample.py", *args, "--max_new_tokens", "20", "--compare", "--show", "--device", "cpu")
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("step   1 | ") == 1 and "{+" in run.stdout  # --show, plain text when piped
     assert "def fibonacci(n):\n" in run.stdout
@@ -666,8 +664,7 @@ def test_cli_end_to_end(tmp_path):
 def test_cli_default_length_fits_the_context(tmp_path):
     # 256 new tokens, or what the model's context leaves: 96 - 9 (the prompt) - 2 * 4 (the drafts' room) = 79
     write_checkpoint(tmp_path)
-    args = [sys.executable, "sample.py", "--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "def f(x):"]
-    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    run = run_script("sample.py", "--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "def f(x):")
     assert run.returncode == 0, run.stderr
     assert "--- TiDAR: 79 new tokens" in run.stdout
 
@@ -704,18 +701,17 @@ def test_cli_replayed_equals_eager(tmp_path, cpu_graphs, capsys):
 def test_cli_batches(tmp_path):
     write_checkpoint(tmp_path)
     (tmp_path / "prompts.txt").write_text("def f(x):\n<|endoftext|>\nimport os\n<|endoftext|>\nclass A:\n")
-    args = [sys.executable, "sample.py", "--out_dir", str(tmp_path), "--device", "cpu", "--max_new_tokens", "12"]
+    args = ["sample.py", "--out_dir", str(tmp_path), "--device", "cpu", "--max_new_tokens", "12"]
     # three prompts from a file, two at a time: two batches, greedy, AR beside them
-    run = subprocess.run(args + ["--prompt", f"FILE:{tmp_path / 'prompts.txt'}", "--batch_size", "2", "--compare"],
-                         cwd=ROOT, capture_output=True, text=True)
+    run = run_script(*args, "--prompt", f"FILE:{tmp_path / 'prompts.txt'}", "--batch_size", "2", "--compare")
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert out.count("--- TiDAR: 12 new tokens") == 3 and "batch of 2" in out and "batch of 1" in out
     assert out.count("outputs identical: True") == 2
     assert out.index("def f(x):\n") < out.index("import os\n") < out.index("class A:\n")
     # four samples of one prompt in one batch, and the paper's rule in bfloat16
-    run = subprocess.run(args + ["--prompt", "x = ", "--batch_size", "4", "--temperature", "1", "--rule", "paper",
-                                 "--beta", "0", "--dtype", "bfloat16"], cwd=ROOT, capture_output=True, text=True)
+    run = run_script(*args, "--prompt", "x = ", "--batch_size", "4", "--temperature", "1", "--rule", "paper",
+                     "--beta", "0", "--dtype", "bfloat16")
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("--- TiDAR: 12 new tokens") == 4 and "TiDAR (paper)" in run.stdout
 
@@ -773,9 +769,7 @@ def test_cli_checkpoint_problems(tmp_path, capsys):
 def test_cli_ctrl_c_is_one_line(tmp_path):
     write_checkpoint(tmp_path)
     prelude = "import tidar\ndef stop(*a, **k): raise KeyboardInterrupt\ntidar.GPT.forward = stop"
-    launch = "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path('sample.py', run_name='__main__')"
-    run = subprocess.run([sys.executable, "-c", f"{prelude}\n{launch}", "sample.py", "--out_dir", str(tmp_path),
-                          "--device", "cpu", "--prompt", "x"], cwd=ROOT, capture_output=True, text=True)
+    run = run_script("sample.py", "--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "x", prelude=prelude)
     assert run.stderr == "sample.py: interrupted\n" and run.returncode == -signal.SIGINT
 
 

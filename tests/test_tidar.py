@@ -1,15 +1,13 @@
 """The model side, as a specification: the masks against slow loops, no leakage, the clean half is a plain AR
 model, cached = uncached, exact rollback (by hand), the loss, and every attention backend honouring its mask."""
 import math
-import subprocess
-import sys
 import warnings
 from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from conftest import run_script
 from tidar import (
     GPT,
     GPTConfig,
@@ -335,9 +333,7 @@ def test_forward_refuses_a_missing_or_wrong_mask(tiny):
 
 
 def test_python_tidar_draws_both_masks():
-    from conftest import ROOT
-
-    run = subprocess.run([sys.executable, "tidar.py"], cwd=ROOT, capture_output=True, text=True)
+    run = run_script("tidar.py")
     assert run.returncode == 0, run.stderr
     training, step = run.stdout.split("decode-step mask")
     cells = lambda text: sum(line.count("#") for line in text.splitlines() if "|" in line)  # grid rows only
