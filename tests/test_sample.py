@@ -114,12 +114,16 @@ def test_verify_is_exact_over_every_draw():
 # --- sampling is lossless end to end
 
 
-def sequence_probability(model, prompt, seq, temperature, top_k):
-    """Exact probability that AR sampling produces seq (it may end early at <|endoftext|>)."""
-    full = torch.tensor([prompt + seq])
-    logits = model(full, torch.arange(full.size(1)), causal_mask(full.size(1)))[0]
-    p = sample.probabilities(logits[len(prompt) - 1 : -1], temperature, top_k)  # (len(seq), V)
-    return math.prod(p[i, t].item() for i, t in enumerate(seq))
+def sequence_probabilities(model, prompt, seqs, temperature, top_k):
+    """Exact probability that AR sampling produces each of seqs (each may end early at <|endoftext|>), from one
+    causal forward of them all, each padded after its end (which a causal forward never looks at)."""
+    n = max(map(len, seqs))
+    full = torch.tensor([prompt + list(seq) + [0] * (n - len(seq)) for seq in seqs])  # (len(seqs), P + n)
+    logits = model(full, torch.arange(full.size(1)), causal_mask(full.size(1)))
+    p = sample.probabilities(logits[:, len(prompt) - 1 : -1], temperature, top_k)  # (len(seqs), n, V)
+    p = p.gather(-1, full[:, len(prompt) :, None])[..., 0].double()  # (len(seqs), n): each token's probability
+    ended = torch.arange(n) >= torch.tensor([len(seq) for seq in seqs])[:, None]
+    return p.masked_fill(ended, 1.0).prod(dim=1).tolist()
 
 
 def peaked_gpt(seed, **kw):
@@ -177,8 +181,9 @@ def test_sampling_follows_the_ar_distribution(decoder, temperature, top_k, draft
                 counts[tuple(out)] = counts.get(tuple(out), 0) + 1
         # chi-square over every sequence AR sampling can produce (bins fixed before looking at the samples):
         # those expected at least 5 times each in a bin, the rest together in one
-        expected = {s: N * sequence_probability(model, prompt, list(s), temperature, top_k)
-                    for s in all_sequences(model.config.vocab_size, n_new, model.config.eot_id)}
+        seqs = list(all_sequences(model.config.vocab_size, n_new, model.config.eot_id))
+        probabilities = sequence_probabilities(model, prompt, seqs, temperature, top_k)
+        expected = {s: N * p for s, p in zip(seqs, probabilities)}
         assert set(counts) <= set(expected) and sum(expected.values()) == pytest.approx(N)
         big = [(counts.get(s, 0), e) for s, e in expected.items() if e >= 5]
         small = [(counts.get(s, 0), e) for s, e in expected.items() if e < 5]
