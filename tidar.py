@@ -29,7 +29,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 257  # the tokenizer's vocabulary (train.py takes it from the dataset); [MASK] is the extra id
+    vocab_size: int = 257  # the tokenizer's vocabulary (train.py reads it from the dataset); [MASK]: one more
     eot_id: int = 256  # <|endoftext|>: decoding stops there
     seq_len: int = 1024  # S, the context: training length of the clean half, and the largest position + 1
     block_len: int = 16  # B, the mask block length used in training; the default draft length k
@@ -44,7 +44,7 @@ class GPTConfig:
 
 
 def rope_tables(seq_len, head_dim, base):
-    """cos and sin of the rotary angles, (seq_len, head_dim), indexed by position id: the hs/2 angles, twice."""
+    """cos and sin of the rotary angles, (seq_len, head_dim), indexed by position id: hs/2 angles, twice."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq).repeat(1, 2)
     return angles.cos().float(), angles.sin().float()
@@ -62,7 +62,7 @@ def apply_rope(x, cos, sin):
 
 
 def additive_mask(mask, dtype):
-    """A bool mask (True = may attend) as the attention kernels add it to the scores: 0, or -inf (never seen)."""
+    """A bool mask (True = may attend) as attention kernels add it to the scores: 0, or -inf (never seen)."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
@@ -76,7 +76,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None):
         N, T, C = x.size()  # N rows (the batch), T tokens, C channels
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(N, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (N, nh, T, hs)
+        # (N, nh, T, hs) each
+        q, k, v = (t.view(N, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(torch.stack([q, k]), cos, sin)  # together: half the kernels to launch
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)  # (N, nh, max_len, hs): the whole buffer
@@ -144,7 +145,7 @@ class GPT(nn.Module):
             raise ValueError(f"attention needs a bool mask of shape (..., {T}, {n_keys}), got {got}")
         x = self.wte(idx)  # (N, T, C)
         if dense:  # made additive once here, rather than by SDPA in every layer
-            mask = additive_mask(mask, x.dtype).unsqueeze(-3)  # (1 or N, 1, T, n_keys): the same for every head
+            mask = additive_mask(mask, x.dtype).unsqueeze(-3)  # (1 or N, 1, T, n_keys): one for every head
         cos, sin = self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3)  # (1 or N, 1, T, hs)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
@@ -167,7 +168,8 @@ def causal_allowed(i, j, L=0):
 
 
 def training_allowed(i, j, S, B):
-    """The doubled sequence [x_0 .. x_{S-1}, m .. m] (the paper's Figure 3, training); mask block (i - S) // B."""
+    """The doubled sequence [x_0 .. x_{S-1}, m .. m] (the paper's Figure 3, training); a mask at position i
+    is in block (i - S) // B."""
     clean_i, clean_j = i < S, j < S
     block_i, block_j = (i - S) // B, (j - S) // B
     return (
@@ -204,7 +206,8 @@ def decode_step_allowed(i, j, L, k):
 def _mask(allowed, n_query, n_key, device=None, **lengths):
     i = torch.arange(n_query, device=device)[:, None]
     j = torch.arange(n_key, device=device)[None, :]
-    lengths = {name: v[:, None, None] if torch.is_tensor(v) else v for name, v in lengths.items()}  # (N, 1, 1)
+    # a length per row, (N,), broadcast as (N, 1, 1)
+    lengths = {name: v[:, None, None] if torch.is_tensor(v) else v for name, v in lengths.items()}
     return allowed(i, j, **lengths)  # (n_query, n_key), or (N, n_query, n_key)
 
 
@@ -230,7 +233,7 @@ def tidar_training_mask(seq_len, block_len, device=None):
 
 @functools.lru_cache(maxsize=8)
 def flex_mask(allowed, T, device, **lengths):
-    """A (T, T) pattern as a FlexAttention BlockMask, built once: its tiles that are all False are never computed."""
+    """A (T, T) pattern as a FlexAttention BlockMask, built once: its all-False tiles are never computed."""
     return create_block_mask(lambda b, h, i, j: allowed(i, j, **lengths), None, None, T, T, device=device)
 
 
@@ -263,20 +266,22 @@ def place_step_mask(own, L, n_keys):
     own (T, T), L (N,) -> (N, T, n_keys), equal to decode_step_mask(L, k, n_keys) in a few kernels.
     """
     T = own.size(0)
-    jn = torch.arange(n_keys, device=own.device) - L[:, None]  # (N, n_keys): an entry's index among the step's
+    jn = torch.arange(n_keys, device=own.device) - L[:, None]  # (N, n_keys): an entry's index in the step
     placed = own[:, jn.clamp(0, T - 1)].transpose(0, 1)  # (N, T, n_keys): own's column jn, for 0 <= jn < T
     return (jn < 0)[:, None, :] | (placed & (jn < T)[:, None, :])
 
 
 def decode_step_positions(L, k, device=None):
-    """Position ids of one decode step: d_a at L + a; block b's slot s at L + b + s (block b starts after d_{b-1})."""
+    """Position ids of one decode step: d_a at L + a, block b's slot s at L + b + s (just after d_{b-1})."""
     a = torch.arange(k, device=device)
     blocks = torch.arange(1, k + 1, device=device)[:, None] + a[None, :]  # (k, k)
-    return torch.as_tensor(L, device=device)[..., None] + torch.cat([a, blocks.flatten()])  # (k + k*k,) or (N, k + k*k)
+    # (k + k*k,), or (N, k + k*k) for a length per row
+    return torch.as_tensor(L, device=device)[..., None] + torch.cat([a, blocks.flatten()])
 
 
 # -----------------------------------------------------------------------------
-# 3. Training: one forward over the doubled sequence trains both modes (README, "Training: the doubled sequence")
+# 3. Training: one forward over the doubled sequence trains both modes (README, "Training: the doubled
+# sequence")
 
 
 def tidar_inputs(x, block_len, mask_id, flex=False):
@@ -315,24 +320,25 @@ def tidar_loss(logits, x, y, alpha=1.0):
 
 def training_loss(model, config, x, y, objective="tidar", alpha=1.0, flex=False):
     """
-    One batch's loss for either objective, as train.py and bench.py use it: (loss, ar_loss, diff_loss).
-    'tidar': the doubled sequence. 'ar': the plain AR baseline, the same model on the clean half alone
-    (diff_loss None). model may be wrapped (compiled, DDP); config is the plain model's.
+    One batch's loss for either objective, as train.py and experiments/bench.py use it: (loss, ar_loss,
+    diff_loss). 'tidar': the doubled sequence. 'ar': the plain AR baseline, the same model on the clean half
+    alone (diff_loss None). model may be wrapped (compiled, DDP); config is the plain model's.
     """
     if objective == "ar":
         logits = model(*ar_inputs(x, flex))  # (N, S, V)
         ar = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         return ar, ar, None
-    return tidar_loss(model(*tidar_inputs(x, config.block_len, config.mask_id, flex)), x, y, alpha)  # (N, 2S, V)
+    logits = model(*tidar_inputs(x, config.block_len, config.mask_id, flex))  # (N, 2S, V)
+    return tidar_loss(logits, x, y, alpha)
 
 
 @torch.no_grad()
 def evaluate_batch(model, config, x, y, flex=False):
     """
-    What train.py's evaluations and ablations.py report for a batch of val windows, for a model of either
-    objective: (AR loss, diffusion loss, draft accuracy (B,)), all from the doubled forward, whose clean half
-    is exactly a causal forward. Draft accuracy at offset r: how often the one-step diffusion argmax at offset
-    r of its block is the true token there.
+    What train.py's evaluations and experiments/ablations.py report for a batch of val windows, for a model
+    of either objective: (AR loss, diffusion loss, draft accuracy (B,)), all from the doubled forward, whose
+    clean half is exactly a causal forward. Draft accuracy at offset r: how often the one-step diffusion
+    argmax at offset r of its block is the true token there.
     """
     S, B = x.size(1), config.block_len
     logits = model(*tidar_inputs(x, B, config.mask_id, flex))  # (N, 2S, V)
@@ -356,11 +362,12 @@ class KVCache:
     """
 
     def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
-        max_len = -(-max_len // 16) * 16  # (choice) rounded up: GPU attention kernels pad a mask's rows to this anyway
+        # (choice) rounded up to a multiple of 16: GPU attention kernels pad a mask's rows to this anyway
+        max_len = -(-max_len // 16) * 16
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # (N,) committed tokens per row
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # (N,): committed, per row
         self.max_len = max_len
 
     @property
@@ -368,7 +375,8 @@ class KVCache:
         return self.length.device
 
     def write(self, layer, keys, values):
-        """Write keys, values (N, nh, T, hs) at each row's entries length .. length + T - 1; return the buffers."""
+        """Write keys, values (N, nh, T, hs) at each row's entries length .. length + T - 1; return the
+        whole buffers."""
         entries = self.length[:, None] + torch.arange(keys.size(2), device=keys.device)  # (N, T)
         index = entries[:, None, :, None].expand_as(keys)  # (N, nh, T, hs)
         self.keys[layer].scatter_(2, index, keys.to(self.keys.dtype))
@@ -416,6 +424,7 @@ if __name__ == "__main__":
     L, k = 2, 3
     groups = ["c"] * L + ["d"] * k + [f"b{b}" for b in range(1, k + 1) for s in range(k)]
     step = [(g, str(p)) for g, p in zip(groups, list(range(L)) + decode_step_positions(L, k).tolist())]
-    print(f"\n\nTiDAR decode-step mask, L={L} cached tokens, draft length k={k}: c = cache, d = d_0 .. d_{k - 1},")
+    print(f"\n\nTiDAR decode-step mask, L={L} cached tokens, draft length k={k}: c = cache, "
+          f"d = d_0 .. d_{k - 1},")
     print("bb = mask block b, the pre-draft for 'd_0 .. d_{b-1} accepted'; label = position id\n")
     print(draw_mask(decode_step_mask(L, k), step[L:], step))
