@@ -37,24 +37,25 @@ from sample import generate_ar, generate_tidar, load_checkpoint, timed  # noqa: 
 from tidar import causal_mask, evaluate_batch, pick_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-parser.add_argument("--tables", default="1,2,3,4,5", help="comma-separated: which tables to print (2, 3 and 4 need "
-                    "the checkpoints named below)")
+parser.add_argument("--tables", default="1,2,3,4,5", help="comma-separated: which tables to print (2, 3 "
+                    "and 4 need the checkpoints named below)")
 parser.add_argument("--out_dir", default="out", help="the TiDAR checkpoint of tables 1, 3 and 5")
-parser.add_argument("--block_dirs", default="", help="comma-separated TiDAR checkpoints trained with different B")
-parser.add_argument("--drafter_dir", default="", help="a small AR checkpoint (--objective=ar) on the same data")
+parser.add_argument("--block_dirs", default="", help="comma-separated TiDAR checkpoints trained with other B")
+parser.add_argument("--drafter_dir", default="", help="a small AR checkpoint (--objective=ar), the same data")
 parser.add_argument("--recipe_dirs", default="", help="comma-separated TiDAR checkpoints made different ways "
                     "(table 4): from scratch, from an AR model (train.py --init_from), other settings")
-parser.add_argument("--ar_dir", default="", help="the AR baseline whose val AR loss table 4 prints beside them")
-parser.add_argument("--prompts", default="val", help="'val' (the val split of --data_dir), a text file, or a folder "
-                    "of .py files, as in bench.py")
-parser.add_argument("--data_dir", default=os.path.join(DATA_DIR, "pycode"), help="the dataset: val prompts, and "
-                    "table 4's val windows (default: data/pycode in the repository)")
+parser.add_argument("--ar_dir", default="", help="the AR baseline whose val AR loss table 4 prints beside")
+parser.add_argument("--prompts", default="val", help="'val' (the val split of --data_dir), a text file, or a "
+                    "folder of .py files, as in bench.py")
+parser.add_argument("--data_dir", default=os.path.join(DATA_DIR, "pycode"), help="the dataset: val prompts, "
+                    "and table 4's val windows (default: data/pycode in the repository)")
 parser.add_argument("--draft_lens", default="4,8,16", help="k for tables 2 and 4; table 5 takes the smallest")
 parser.add_argument("--speculative_lens", default="2,4,8", help="drafter proposals per step for table 3")
 parser.add_argument("--num_prompts", type=int, default=16)
 parser.add_argument("--prompt_len", type=int, default=64)
-parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 256, or what every context leaves")
-parser.add_argument("--val_windows", type=int, default=64, help="val windows of S tokens for table 4's losses")
+parser.add_argument("--max_new_tokens", type=int, default=None,
+                    help="default: 256, or what every context leaves")
+parser.add_argument("--val_windows", type=int, default=64, help="val windows of S tokens, table 4's losses")
 parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
 
 
@@ -79,7 +80,8 @@ def ar_judgement(model, prompts, outputs):
     other, logp, n = 0, 0.0, 0
     for p, out in zip(prompts, outputs):
         seq = torch.tensor([p + out], device=next(model.parameters()).device)
-        logits = model(seq, torch.arange(seq.size(1), device=seq.device), causal_mask(seq.size(1), device=seq.device))
+        T = seq.size(1)
+        logits = model(seq, torch.arange(T, device=seq.device), causal_mask(T, device=seq.device))
         pred = F.log_softmax(logits[0, len(p) - 1 : -1].float(), dim=-1)  # (len(out), V): for each new token
         target = seq[0, len(p) :]
         other += (pred.argmax(-1) != target).sum().item()
@@ -103,14 +105,15 @@ def table_rules(model, prompts, max_new_tokens, device):
             rows.append((rule, beta, measure(decode, prompts, device)))
     for rule, beta, (n, f, s, outs, _) in rows:
         share, loglik = ar_judgement(model, prompts, outs)
-        print(f"{rule:>9} {'' if beta is None else beta:>5} {n / f:8.2f} {n / s:9.1f} {n / s / ar_speed:6.2f}x "
-              f"{100 * share:13.1f}% {loglik:17.3f} {str(outs == ar_out):>5}")
+        print(f"{rule:>9} {'' if beta is None else beta:>5} {n / f:8.2f} {n / s:9.1f} "
+              f"{n / s / ar_speed:6.2f}x {100 * share:13.1f}% {loglik:17.3f} {str(outs == ar_out):>5}")
     print("paper (TiDAR 1.5B, its released rule with beta = 0): 7.45 tokens per forward, 4.71x AR tokens/s; "
           "8B: 8.25 and 5.91x")
 
 
 def table_blocks(block_models, draft_lens, prompts, max_new_tokens, device):
-    print("\n2. tokens per forward: block length B in training (rows) against draft length k in decoding (columns)")
+    print("\n2. tokens per forward: block length B in training (rows) against draft length k in decoding "
+          "(columns)")
     print(f"{'B':>4}" + "".join(f" {'k=' + str(k):>7}" for k in draft_lens))
     for model in block_models:
         row = []
@@ -118,12 +121,13 @@ def table_blocks(block_models, draft_lens, prompts, max_new_tokens, device):
             n, f, *_ = measure(lambda p: generate_tidar(model, p, max_new_tokens, k), prompts, device)
             row.append(n / f)
         print(f"{model.config.block_len:4d}" + "".join(f" {r:7.2f}" for r in row))
-    print("paper (TiDAR 1.5B, its Figure 5 / Table 4, k = B): B = 4: 3.51, 8: 5.69, 16: 7.35 tokens per forward")
+    print("paper (TiDAR 1.5B, its Figure 5 / Table 4, k = B): B = 4: 3.51, 8: 5.69, 16: 7.35 tokens per "
+          "forward")
 
 
 @torch.no_grad()
-def generate_speculative(target, drafter, prompt_ids, max_new_tokens, draft_len=4, temperature=0.0, top_k=None,
-                         generator=None, capture=True):
+def generate_speculative(target, drafter, prompt_ids, max_new_tokens, draft_len=4, temperature=0.0,
+                         top_k=None, generator=None, capture=True):
     """
     Classic speculative decoding (Leviathan et al., 2023), the baseline the paper compares TiDAR with: a
     separate small AR model proposes d_1 .. d_k one forward at a time, and the target verifies d_0 .. d_k
@@ -145,7 +149,7 @@ def generate_speculative(target, drafter, prompt_ids, max_new_tokens, draft_len=
     logits, _ = sample.prefill(target, prompts, 0, cache)  # (N, V)
     sample.prefill(drafter, prompts, 0, small)
     d0, _ = sample.choose(logits, temperature, top_k, draw()[:, 0])  # (N,)
-    c = torch.tensor([prompt[-1] for prompt in prompts], device=cache.device)  # (N,): the last committed token
+    c = torch.tensor([prompt[-1] for prompt in prompts], device=cache.device)  # (N,): last committed token
 
     def step(u):  # u (N, 2k+1): the step's uniforms
         L = cache.length  # (N,), the cache's own tensor: read it before the commit in 4 changes it
@@ -186,7 +190,8 @@ def table_speculative(model, drafter, speculative_lens, prompts, max_new_tokens,
     n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     print(f"\n3. TiDAR (k = {k}, {n_params(model):.2f}M parameters) against speculative decoding with a "
           f"{n_params(drafter):.2f}M-parameter AR drafter")
-    print(f"{'method':>18} {'tok/fwd':>8} {'drafter fwd/fwd':>16} {'ms/fwd':>7} {'tok/s':>9} {'vs AR':>7} {'= AR':>5}")
+    print(f"{'method':>18} {'tok/fwd':>8} {'drafter fwd/fwd':>16} {'ms/fwd':>7} {'tok/s':>9} {'vs AR':>7} "
+          f"{'= AR':>5}")
     n, f, s, ar_out, _ = measure(lambda p: (generate_ar(model, p, max_new_tokens), None), prompts, device)
     ar_speed, rows = n / s, {"AR": (n, f, s, ar_out, 0)}
     rows[f"TiDAR k={k}"] = measure(lambda p: generate_tidar(model, p, max_new_tokens, k), prompts, device)
@@ -204,14 +209,16 @@ def recipe(out_dir):
     """How the checkpoint in out_dir was trained, in a few words, from what train.py records in it."""
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
     config, start, name = ckpt["train_config"], ckpt.get("started_from"), {"tidar": "TiDAR", "ar": "AR"}
-    ar = min(config.get("ar_iters", 0), ckpt["iter_num"]) if config["objective"] == "tidar" else 0  # in one run
+    # the AR steps of a one-run recipe
+    ar = min(config.get("ar_iters", 0), ckpt["iter_num"]) if config["objective"] == "tidar" else 0
     steps = (f"AR {ar} + " if ar else "") + f"{name[config['objective']]} {ckpt['iter_num'] - ar}"
     return (f"{name[start['objective']]} {start['iter_num']} + " if start else "") + steps, config
 
 
-def table_recipes(recipe_dirs, ar_dir, models, draft_lens, prompts, max_new_tokens, data_dir, n_windows, device):
-    print(f"\n4. how the model is made: val losses on {n_windows} val windows; tokens per forward and speed against AR "
-          "(the same model) on the prompts")
+def table_recipes(recipe_dirs, ar_dir, models, draft_lens, prompts, max_new_tokens, data_dir, n_windows,
+                  device):
+    print(f"\n4. how the model is made: val losses on {n_windows} val windows; tokens per forward and speed "
+          "against AR (the same model) on the prompts")
     val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
     print(f"{'checkpoint':>16} {'steps':>17} {'alpha':>5} {'B':>3} {'lr':>7} {'val AR':>7} {'diff':>6}"
           + "".join(f" {'k=' + str(k):>12}" for k in draft_lens))
@@ -230,17 +237,20 @@ def table_recipes(recipe_dirs, ar_dir, models, draft_lens, prompts, max_new_toke
         cells = ""
         if out_dir != ar_dir:
             accuracy[name] = " ".join(f"{100 * a:.0f}" for a in (hits / n_windows).tolist())
-            n, f, s, ar_out, _ = measure(lambda p: (generate_ar(model, p, max_new_tokens), None), prompts, device)
+            ar_decode = lambda p: (generate_ar(model, p, max_new_tokens), None)
+            n, f, s, ar_out, _ = measure(ar_decode, prompts, device)
             for k in draft_lens:
-                n_k, f_k, s_k, outs, _ = measure(lambda p: generate_tidar(model, p, max_new_tokens, k), prompts, device)
+                decode = lambda p: generate_tidar(model, p, max_new_tokens, k)
+                n_k, f_k, s_k, outs, _ = measure(decode, prompts, device)
                 cells += f" {n_k / f_k:5.2f} {(n_k / s_k) / (n / s):5.2f}x" + ("" if outs == ar_out else "!")
         diff = f"{diff / n_windows:6.3f}" if out_dir != ar_dir else "-"
-        print(f"{name:>16} {steps:>17} {config['alpha']:5.2g} {model.config.block_len:3d} {config['lr']:7.1e} "
-              f"{ar / n_windows:7.3f} {diff:>6}{cells}")
+        print(f"{name:>16} {steps:>17} {config['alpha']:5.2g} {model.config.block_len:3d} "
+              f"{config['lr']:7.1e} {ar / n_windows:7.3f} {diff:>6}{cells}")
     print("(per k: tokens per forward, then tokens/s against AR; '!' marks outputs that differ from AR's)")
     for name, acc in accuracy.items():
         print(f"draft accuracy % by offset, {name}: {acc}")
-    print("paper: TiDAR 1.5B and 8B are continual pretraining of Qwen2.5 1.5B and Qwen3 8B, never trained from scratch")
+    print("paper: TiDAR 1.5B and 8B are continual pretraining of Qwen2.5 1.5B and Qwen3 8B, never trained "
+          "from scratch")
 
 
 def side_forward(model, seq, groups):
@@ -256,9 +266,11 @@ def side_forward(model, seq, groups):
     group = torch.tensor([i for i, (_, g) in enumerate(groups) for _ in g], device=device)
     depth = torch.cat([torch.arange(len(g), device=device) for _, g in groups])
     i = torch.arange(T, device=device)
-    block = (tokens == model.config.mask_id)[:, None]  # a [MASK] sees its whole group, a path token those before it
+    # a [MASK] sees its whole group, a path token those before it
+    block = (tokens == model.config.mask_id)[:, None]
     own = (group[:, None] == group[None, :]) & (block | (depth <= depth[:, None]))
-    seen = torch.cat([i[None, :] < start[:, None], own], 1)  # (group tokens, keys): seq[:t], then their own group
+    # (group tokens, keys): seq[:t], then their own group
+    seen = torch.cat([i[None, :] < start[:, None], own], 1)
     hidden = torch.zeros(T, len(tokens), dtype=torch.bool, device=device)  # seq sees no group
     mask = torch.cat([torch.cat([causal_mask(T, device=device), hidden], 1), seen])
     idx = torch.cat([torch.tensor(seq, device=device), tokens])[None]
@@ -267,7 +279,7 @@ def side_forward(model, seq, groups):
 
 
 def chunks(groups, size=1024):
-    """groups in runs of about `size` tokens, for side_forward: the mask grows with the square of its queries."""
+    """groups in runs of about `size` tokens for side_forward: a mask grows with the square of its queries."""
     run, n = [], 0
     for g in groups:
         run, n = run + [g], n + len(g[1])
@@ -296,16 +308,18 @@ def marginal_drafts(model, seq, starts, k, beam=64):
     data). Returns {t: [None, d_1 .. d_{k-1}]} and the probability the beam held at each offset, averaged.
     """
     device = next(model.parameters()).device
+    # causal[t - 1]: for the token at t, given seq[:t]
     causal = model(torch.tensor([seq], device=device), torch.arange(len(seq), device=device),
-                   causal_mask(len(seq), device=device))[0]  # causal[t - 1]: for the token at t, given seq[:t]
+                   causal_mask(len(seq), device=device))[0]
     joint = {t: torch.softmax(causal[t - 1], -1)[None] for t in starts}  # (paths, V): each path, then a token
-    paths = {t: torch.zeros(1, 0, dtype=torch.long, device=device) for t in starts}  # (paths, j): their tokens
+    paths = {t: torch.zeros(1, 0, dtype=torch.long, device=device) for t in starts}  # (paths, j): tokens
     drafts, held = {t: [None] for t in starts}, []
     for j in range(1, k):
         prob = {}
         for t in starts:  # keep the `beam` most likely paths to position t + j - 1
             top, V = joint[t].flatten().topk(min(beam, joint[t].numel())), joint[t].size(1)
-            paths[t], prob[t] = torch.cat([paths[t][top.indices // V], (top.indices % V)[:, None]], 1), top.values
+            paths[t] = torch.cat([paths[t][top.indices // V], (top.indices % V)[:, None]], 1)
+            prob[t] = top.values
         held.append(np.mean([prob[t].sum().item() for t in starts]))
         groups = [(t, path.tolist()) for t in starts for path in paths[t]]
         logits = torch.cat([lg[-1:] for run in chunks(groups) for lg in side_forward(model, seq, run)])
@@ -331,8 +345,9 @@ def forwards_needed(seq, P, drafts, k):
 
 
 def table_target(model, k, prompts, max_new_tokens):
-    print(f"\n5. the drafts' target, k = {k}: how often each offset's draft is the AR model's greedy token, for the "
-          "one-step diffusion's drafts and for the argmax of the AR model's own marginals (the diffusion's target)")
+    print(f"\n5. the drafts' target, k = {k}: how often each offset's draft is the AR model's greedy token, "
+          "for the one-step diffusion's drafts and for the argmax of the AR model's own marginals (the "
+          "diffusion's target)")
     agree, forwards, tokens, positions, held = {}, {}, 0, np.zeros(k - 1), []
     for p in prompts:
         seq = p + generate_ar(model, p, max_new_tokens)  # what lossless greedy TiDAR commits
@@ -365,15 +380,18 @@ def main(args):
     for name in ("num_prompts", "prompt_len", "max_new_tokens", "val_windows"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name}={getattr(args, name)}: must be at least 1", 2)
-    block_dirs, recipe_dirs = ([d for d in dirs.split(",") if d] for dirs in (args.block_dirs, args.recipe_dirs))
-    # the TiDAR models each table decodes: 1, 3 and 5 the one in out_dir, 2 those of block_dirs, 4 those of recipe_dirs
-    decoded = [args.out_dir] * bool(tables & {1, 3, 5}) + block_dirs * (2 in tables) + recipe_dirs * (4 in tables)
+    block_dirs, recipe_dirs = ([d for d in ds.split(",") if d] for ds in (args.block_dirs, args.recipe_dirs))
+    # the TiDAR models each table decodes: 1, 3 and 5 the one in out_dir, 2 block_dirs', 4 recipe_dirs'
+    decoded = [args.out_dir] * bool(tables & {1, 3, 5}) + block_dirs * (2 in tables)
+    decoded += recipe_dirs * (4 in tables)
+    others = [args.drafter_dir] * (3 in tables) + [args.ar_dir] * (4 in tables and bool(recipe_dirs))
     models, enc = {}, None
-    for d in decoded + [args.drafter_dir] * (3 in tables) + [args.ar_dir] * (4 in tables and bool(recipe_dirs)):
+    for d in decoded + others:
         if d and d not in models:
             models[d], enc = load_checkpoint(d, args.device)
     if not decoded:
-        fail(f"--tables={args.tables}: nothing to compare; tables 2 and 4 need --block_dirs and --recipe_dirs", 2)
+        fail(f"--tables={args.tables}: nothing to compare; tables 2 and 4 need --block_dirs and "
+             "--recipe_dirs", 2)
     tidar_models = [models[d] for d in decoded]
     drafter = models.get(args.drafter_dir) if 3 in tables and args.drafter_dir else None
     room = 2 * max(draft_lens + [m.config.block_len for m in tidar_models])
@@ -383,25 +401,29 @@ def main(args):
     for m in tidar_models:
         check_fits(m.config, args.prompt_len, args.max_new_tokens, 2 * max(draft_lens + [m.config.block_len]))
     if drafter is not None:
-        for m in (models[args.out_dir], drafter):  # speculative decoding reaches k + 1 positions past the last token
+        # speculative decoding reaches k + 1 positions past the last token
+        for m in (models[args.out_dir], drafter):
             check_fits(m.config, args.prompt_len, args.max_new_tokens, max(speculative_lens) + 1)
         if drafter.config.vocab_size != models[args.out_dir].config.vocab_size:
-            fail(f"the drafter in {args.drafter_dir} has another vocabulary: train it on {args.out_dir}'s data")
+            fail(f"the drafter in {args.drafter_dir} has another vocabulary: train it on {args.out_dir}'s "
+                 "data")
     prompts = held_out_prompts(args, args.num_prompts, enc)
     cpu = f"{args.device} (threads: {torch.get_num_threads()})"
     where = args.data_dir + "'s val split" if args.prompts == "val" else args.prompts
-    print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else cpu}, torch {torch.__version__}; "
-          f"{len(prompts)} prompts of {args.prompt_len} tokens from {where}, up to {args.max_new_tokens} new tokens; "
-          "eager on the CPU, steps replayed from CUDA graphs on CUDA")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else cpu
+    print(f"device: {device}, torch {torch.__version__}; {len(prompts)} prompts of {args.prompt_len} tokens "
+          f"from {where}, up to {args.max_new_tokens} new tokens; eager on the CPU, steps replayed from CUDA "
+          "graphs on CUDA")
     if 1 in tables:
         table_rules(models[args.out_dir], prompts, args.max_new_tokens, args.device)
     if 2 in tables and block_dirs:
         table_blocks([models[d] for d in block_dirs], draft_lens, prompts, args.max_new_tokens, args.device)
     if drafter is not None:
-        table_speculative(models[args.out_dir], drafter, speculative_lens, prompts, args.max_new_tokens, args.device)
+        table_speculative(models[args.out_dir], drafter, speculative_lens, prompts, args.max_new_tokens,
+                          args.device)
     if 4 in tables and recipe_dirs:
-        table_recipes(recipe_dirs, args.ar_dir, models, draft_lens, prompts, args.max_new_tokens, args.data_dir,
-                      args.val_windows, args.device)
+        table_recipes(recipe_dirs, args.ar_dir, models, draft_lens, prompts, args.max_new_tokens,
+                      args.data_dir, args.val_windows, args.device)
     if 5 in tables:
         table_target(models[args.out_dir], min(draft_lens), prompts, args.max_new_tokens)
 

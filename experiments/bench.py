@@ -10,7 +10,7 @@ Measures what RESULTS.md reports, in one run on one device:
      (2 and 3 on CUDA replay every step from CUDA graphs: AR and TiDAR each at its fastest)
   4. training: ms/iter of the TiDAR objective against the AR objective, same context and batch
 
-    python experiments/bench.py                   # the checkpoint in out/, prompts from data/pycode's val split
+    python experiments/bench.py                   # the checkpoint in out/; prompts: data/pycode's val split
     python experiments/bench.py --prompts=FOLDER  # prompts from the .py files under FOLDER: Python never seen
     python experiments/bench.py --sections=1      # decoding at batch 1 only
 """
@@ -36,13 +36,14 @@ from tidar import KVCache, causal_mask, pick_device, training_loss  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 parser.add_argument("--out_dir", default="out", help="folder with ckpt.pt")
-parser.add_argument("--prompts", default="val", help="where the held-out prompts come from: 'val', the val split of "
-                    "--data_dir; or a UTF-8 text file, or a folder and the .py files under it")
-parser.add_argument("--data_dir", default=os.path.join(DATA_DIR, "pycode"), help="the dataset of --prompts=val "
-                    "(default: data/pycode in the repository)")
+parser.add_argument("--prompts", default="val", help="where the held-out prompts come from: 'val', the val "
+                    "split of --data_dir; or a UTF-8 text file, or a folder and the .py files under it")
+parser.add_argument("--data_dir", default=os.path.join(DATA_DIR, "pycode"),
+                    help="the dataset of --prompts=val (default: data/pycode in the repository)")
 parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
 parser.add_argument("--sections", default="1,2,3,4", help="comma-separated: which of the four to run")
-parser.add_argument("--eager", action="store_true", help="on CUDA, no CUDA graphs: if recording fails on your GPU")
+parser.add_argument("--eager", action="store_true",
+                    help="on CUDA, no CUDA graphs: if recording fails on your GPU")
 parser.add_argument("--draft_lens", default="4,8,16", help="comma-separated draft lengths k")
 parser.add_argument("--dtypes", default=None, help="comma-separated float32, bfloat16, float16; default "
                     "float32,bfloat16 on CUDA, else float32")
@@ -50,7 +51,8 @@ parser.add_argument("--num_prompts", type=int, default=16, help="prompts decoded
 parser.add_argument("--batches", default=None, help="batch sizes of section 2; default 1,2,4,...,64 on CUDA, "
                     "1,2,4,8 elsewhere")
 parser.add_argument("--prompt_len", type=int, default=64)
-parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 256, or what the context leaves")
+parser.add_argument("--max_new_tokens", type=int, default=None,
+                    help="default: 256, or what the context leaves")
 parser.add_argument("--cache_len", type=int, default=None, help="KV cache length for the query-length sweep; "
                     "default: 256, or half the model's context")
 parser.add_argument("--max_queries", type=int, default=512, help="largest query count in the sweep")
@@ -94,8 +96,8 @@ def bench_batch_one(models, prompts, draft_lens, max_new_tokens, device):
     for (dtype, capture), model in models.items():
         results = decode_all(model, [[p] for p in prompts], draft_lens, max_new_tokens, device, capture)
         print(f"\n{dtype}, {'captured (CUDA graphs)' if capture else 'eager'}")
-        print(f"{'method':>10} {'tokens':>7} {'forwards':>9} {'tok/fwd':>8} {'ms/fwd':>7} {'tok/s':>9} {'vs AR':>7}  "
-              "identical")
+        print(f"{'method':>10} {'tokens':>7} {'forwards':>9} {'tok/fwd':>8} {'ms/fwd':>7} {'tok/s':>9} "
+              f"{'vs AR':>7}  identical")
         ar_speed = results["AR"][1] / results["AR"][0]
         for name, (s, n, f, outs) in results.items():
             same = "" if name == "AR" else outs == results["AR"][3]
@@ -106,7 +108,8 @@ def bench_batch_one(models, prompts, draft_lens, max_new_tokens, device):
 def bench_batches(models, prompts, batch_sizes, draft_lens, max_new_tokens, device):
     # TiDAR spends a batch-1 forward's idle compute on k + k*k queries per row. As the batch grows the
     # GPU fills up with rows instead, the slots stop being free, and plain AR catches up.
-    print(f"\n2. total tokens/s for a batch of prompts decoded together, greedy, up to {max_new_tokens} new tokens")
+    print(f"\n2. total tokens/s for a batch of prompts decoded together, greedy, up to {max_new_tokens} new "
+          "tokens")
     for (dtype, capture), model in models.items():
         print(f"\n{dtype}, {'captured (CUDA graphs)' if capture else 'eager'}")
         names = ["AR"] + [f"TiDAR k={k}" for k in draft_lens]
@@ -146,14 +149,16 @@ def bench_query_sweep(models, cache_len, max_queries, draft_lens, repeats, devic
                 prefix = causal_mask(cache_len, 0, cache.max_len, device)
                 m(tokens[:, :cache_len], torch.arange(cache_len, device=device), prefix, cache)
                 cache.length.fill_(cache_len)
-                idx, pos = tokens[:, cache_len : cache_len + T], torch.arange(cache_len, cache_len + T, device=device)
+                idx = tokens[:, cache_len : cache_len + T]
+                pos = torch.arange(cache_len, cache_len + T, device=device)
                 mask = causal_mask(T, cache_len, cache.max_len, device)
                 forward = lambda: m(idx, pos, mask, cache)  # writes past the committed length: repeatable
                 forward = cuda_graph(forward) if capture else forward
                 forward()
                 ms[dtype, capture, T] = median_ms(forward, device, repeats)
     columns = [(d, c) for d, c in models]
-    print(f"{'queries':>8}" + "".join(f" {d + (' graph' if c else ' eager'):>16} {'vs 1':>5}" for d, c in columns))
+    names = [d + (" graph" if c else " eager") for d, c in columns]
+    print(f"{'queries':>8}" + "".join(f" {name:>16} {'vs 1':>5}" for name in names))
     for T in sizes:
         mark = f"  <- k + k*k for k = {marks[T]}" if T in marks else ""
         cells = "".join(f" {ms[d, c, T]:16.3f} {ms[d, c, T] / ms[d, c, sizes[0]]:5.2f}" for d, c in columns)
@@ -199,16 +204,17 @@ def held_out_prompts(args, n, enc):
     if args.prompts == "val":
         meta_path = os.path.join(args.data_dir, "meta.json")
         if not os.path.exists(meta_path):
-            fail(f"no dataset in {args.data_dir} (meta.json is missing) to take prompts from: `python train.py` "
-                 "prepares the default one; or pass --data_dir, or --prompts=FILE")
+            fail(f"no dataset in {args.data_dir} (meta.json is missing) to take prompts from: "
+                 "`python train.py` prepares the default one; or pass --data_dir, or --prompts=FILE")
         with open(meta_path) as f:
             tokenizer = json.load(f).get("tokenizer")
         if tokenizer != enc.name:  # the same ids would mean other text
-            fail(f"{args.data_dir} was made with tokenizer {tokenizer!r}, but the model in {args.out_dir} reads "
-                 f"{enc.name!r}: pass the --data_dir it was trained on")
+            fail(f"{args.data_dir} was made with tokenizer {tokenizer!r}, but the model in {args.out_dir} "
+                 f"reads {enc.name!r}: pass the --data_dir it was trained on")
         path = os.path.join(args.data_dir, "val.bin")
         if not os.path.exists(path):
-            fail(f"no {path}: the dataset in {args.data_dir} is incomplete; write it again with data/prepare.py")
+            fail(f"no {path}: the dataset in {args.data_dir} is incomplete; write it again with "
+                 "data/prepare.py")
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
     else:
         path = args.prompts
@@ -225,7 +231,8 @@ def held_out_prompts(args, n, enc):
                 fail(f"cannot read {name} ({type(e).__name__}): --prompts takes UTF-8 text")
         tokens = np.array(tokens)
     if len(tokens) < args.prompt_len + 1:
-        fail(f"{path} holds {len(tokens)} tokens, too few for prompts of {args.prompt_len}: lower --prompt_len")
+        fail(f"{path} holds {len(tokens)} tokens, too few for prompts of {args.prompt_len}: lower "
+             "--prompt_len")
     starts = np.linspace(0, len(tokens) - args.prompt_len - 1, n).astype(np.int64)
     return [tokens[s : s + args.prompt_len].astype(np.int64).tolist() for s in starts]
 
@@ -235,13 +242,14 @@ def check_fits(config, prompt_len, max_new_tokens, room):
     need = prompt_len + max_new_tokens + room
     if need > config.seq_len:
         fits = config.seq_len - prompt_len - room
-        fail(f"--prompt_len ({prompt_len}) + --max_new_tokens ({max_new_tokens}) + room for the drafts ({room}) = "
-             f"{need} exceeds the model's context of {config.seq_len}: "
-             + (f"use --max_new_tokens={fits} or less" if fits > 0 else "shorten --prompt_len or the draft lengths"))
+        fix = (f"use --max_new_tokens={fits} or less" if fits > 0 else
+               "shorten --prompt_len or the draft lengths")
+        fail(f"--prompt_len ({prompt_len}) + --max_new_tokens ({max_new_tokens}) + room for the drafts "
+             f"({room}) = {need} exceeds the model's context of {config.seq_len}: {fix}")
 
 
 def integers(text, name):
-    """A comma-separated list of integers >= 1, like --draft_lens=4,8,16; or one line that says what is wrong."""
+    """A comma-separated list of integers >= 1, like --draft_lens=4,8,16; or one line saying what is wrong."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
@@ -252,7 +260,8 @@ def integers(text, name):
 
 
 def main(args):
-    # Every setting is checked here, before anything runs: a mistake found after minutes of measuring loses them.
+    # Every setting is checked here, before anything runs: a mistake found only after minutes of measuring
+    # would waste them.
     try:
         args.device = pick_device(args.device)
     except ValueError as e:
@@ -265,7 +274,8 @@ def main(args):
         fail(f"--dtypes={args.dtypes}: use float32, bfloat16 or float16, comma-separated", 2)
     if not set(sections) <= {1, 2, 3, 4}:
         fail(f"--sections={args.sections}: the sections are 1 to 4", 2)
-    for name in ("num_prompts", "prompt_len", "max_queries", "train_batch", "repeats", "max_new_tokens", "cache_len"):
+    for name in ("num_prompts", "prompt_len", "max_queries", "train_batch", "repeats", "max_new_tokens",
+                 "cache_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name}={getattr(args, name)}: must be at least 1", 2)
     model, enc = load_checkpoint(args.out_dir, args.device)
