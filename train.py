@@ -123,7 +123,7 @@ rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RAN
 world_size = int(os.environ.get("WORLD_SIZE", 1))
 ddp, master = world_size > 1, rank == 0
 guards.claim_out_dir(out_dir, fresh=not resume and not overwrite, master=master)  # and lock it, one writer
-last = guards.LastCheckpoint(ckpt_path, saved_iter)  # what a stopped run names as left
+last = guards.LastCheckpoint(ckpt_path, saved_iter)  # named by every line that stops the run
 if master and cpu_run:
     preset = " ".join(f"{k}={globals()[k]}" for k in cpu_preset)
     two_stages = ar_iters and objective == "tidar"
@@ -145,7 +145,7 @@ if compile == "auto":
 if device_type == "cuda":
     torch.set_float32_matmul_precision("high")  # TF32 for whatever autocast leaves in float32
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-flex = compile and device_type == "cuda"  # FlexAttention BlockMasks: fused only compiled, no CPU backward
+flex = compile and device_type == "cuda"  # FlexAttention: fused only when compiled; no CPU backward
 torch.manual_seed(seed)
 
 # -----------------------------------------------------------------------------

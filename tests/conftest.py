@@ -80,12 +80,10 @@ def scale_weights(model, factor):
 
 def run_script(script, *args, prelude="", env=None, cwd=ROOT, timeout=300):
     """
-    `python script *args` as a user runs it, but in a child forked from this process, where torch is already
-    imported: it starts in milliseconds, not seconds. Returns a subprocess.CompletedProcess (stdout and stderr
-    as text, returncode negative for a signal). script: a path from the repository's root (or absolute);
-    prelude: Python run in the child first, to patch something there alone; env: updates to os.environ.
-    Unlike a fresh interpreter, the child shares the modules this process has imported and torch's thread
-    count (1, above): a property that needs a real interpreter (torchrun, a real pipe) keeps subprocess.
+    `python script *args` from cwd, as subprocess.run(..., capture_output=True, text=True) returns it, but in
+    a child forked from pytest (torch imported: milliseconds, not seconds). script: from the repository's root
+    or absolute; prelude: code run in the child first, to patch it alone; env: os.environ updates. The child
+    shares this process's imported modules and torch's one thread: torchrun or a real pipe need subprocess.
     """
     return start_script(script, *args, prelude=prelude, env=env, cwd=cwd).wait(timeout)
 
