@@ -1,6 +1,6 @@
-"""bench.py, ablations.py and reproduce.sh run end to end on the CPU with tiny models; their figures are printed, not
-asserted. What ablations.py's table 5 computes offline (drafts beside one forward, the AR model's marginals, the
-forwards of a decoding) is checked against decoding and brute force."""
+"""bench.py, ablations.py and reproduce.sh run end to end on the CPU with tiny models; their figures are
+printed, not asserted. What ablations.py's table 5 computes offline (drafts beside one forward, the AR model's
+marginals, the forwards of a decoding) is checked against decoding and brute force."""
 import json
 import os
 import signal
@@ -21,8 +21,9 @@ sys.path.insert(0, EXPERIMENTS)  # as a script there finds its neighbours: ablat
 import ablations  # noqa: E402
 import bench  # noqa: E402
 
-SMALL = ["--device", "cpu", "--draft_lens", "2,4", "--num_prompts", "2", "--batches", "1,3", "--prompt_len", "8",
-         "--max_new_tokens", "16", "--cache_len", "16", "--max_queries", "128", "--train_batch", "2", "--repeats", "1"]
+SMALL = ["--device", "cpu", "--draft_lens", "2,4", "--num_prompts", "2", "--batches", "1,3",
+         "--prompt_len", "8", "--max_new_tokens", "16", "--cache_len", "16", "--max_queries", "128",
+         "--train_batch", "2", "--repeats", "1"]
 
 
 def run_bench(tmp_path, *args, prelude=""):  # started from another folder than the repository's root
@@ -45,7 +46,8 @@ def test_bench_runs_on_cpu(tmp_path):
     assert "(threads: " in out  # the thread count: the figures depend on it
     assert "TiDAR k=2" in out and "TiDAR k=4" in out
     assert out.count("True") == 2  # greedy TiDAR == greedy AR on every prompt, for each k
-    assert "vs AR k=4" in out and out.count("TiDAR k=2: ") == 1  # the batch sweep and where TiDAR stops winning
+    # the batch sweep and where TiDAR stops winning
+    assert "vs AR k=4" in out and out.count("TiDAR k=2: ") == 1
     assert "<- k + k*k for k = 4" in out and "beyond the model's context" in out
     assert "ms/iter" in out
     print(out)
@@ -57,19 +59,23 @@ def test_bench_prompts_from_a_folder(tmp_path):
     (tmp_path / "src" / "a.py").write_text("def f(x):\n    return x + 1\n" * 3)
     (tmp_path / "src" / "pkg" / "b.py").write_text("import os\n" * 5)
     (tmp_path / "src" / "notes.txt").write_text("not Python: not read")
-    run = run_bench(tmp_path, *SMALL, "--prompts", str(tmp_path / "src"), "--sections", "1,3", "--max_queries", "16")
+    run = run_bench(tmp_path, *SMALL, "--prompts", str(tmp_path / "src"), "--sections", "1,3",
+                    "--max_queries", "16")
     assert run.returncode == 0, run.stderr
     assert f"spread evenly over {tmp_path / 'src'}" in run.stdout and "1. decoding at batch 1" in run.stdout
     assert "2. total tokens/s" not in run.stdout and "4. training step" not in run.stdout  # --sections
-    assert "<- k + k*k for k = 2" in run.stdout and "k = 4" not in run.stdout  # 20 queries: beyond --max_queries
+    # 20 queries: beyond --max_queries
+    assert "<- k + k*k for k = 2" in run.stdout and "k = 4" not in run.stdout
 
 
 @pytest.mark.parametrize("case,extra,message", [
     ("no dataset", [], "no dataset in {tmp} (meta.json is missing) to take prompts from"),
     ("short val.bin", [], "too few for prompts of 8"),
-    ("another tokenizer", [], "{tmp} was made with tokenizer 'code', but the model in {tmp} reads 'byte': pass the "
-                              "--data_dir it was trained on"),
-    ("too long", ["--max_new_tokens", "200"], "exceeds the model's context of 96: use --max_new_tokens=80 or less"),
+    ("another tokenizer", [],
+     "{tmp} was made with tokenizer 'code', but the model in {tmp} reads 'byte': pass the --data_dir it was "
+     "trained on"),
+    ("too long", ["--max_new_tokens", "200"],
+     "exceeds the model's context of 96: use --max_new_tokens=80 or less"),
     ("bad dtype", ["--dtypes", "float33"], "--dtypes=float33: use float32, bfloat16 or float16"),
     ("int dtype", ["--dtypes", "int8"], "--dtypes=int8: use float32, bfloat16 or float16"),
     ("no repeats", ["--repeats", "0"], "--repeats=0: must be at least 1"),
@@ -84,7 +90,8 @@ def test_bench_bad_input(tmp_path, capsys, case, extra, message):
         tokenizer = "code" if case == "another tokenizer" else "byte"
         write_dataset(tmp_path, 5 if case == "short val.bin" else 500, tokenizer)
     with pytest.raises(SystemExit) as e:
-        bench.main(bench.parser.parse_args(["--out_dir", str(tmp_path), "--data_dir", str(tmp_path), *SMALL, *extra]))
+        bench.main(bench.parser.parse_args(["--out_dir", str(tmp_path), "--data_dir", str(tmp_path), *SMALL,
+                                            *extra]))
     out, err = capsys.readouterr()
     assert e.value.code != 0 and len(err.splitlines()) == 1 and message.format(tmp=tmp_path) in err
     assert out == ""  # found before anything was measured
@@ -122,22 +129,25 @@ def test_ablations_run_on_cpu(tmp_path):
     assert "EAGLE-3" in run.stdout and "3.51" in run.stdout and "7.45" in run.stdout
     diffusion = next(line for line in lines if line.lstrip().startswith("diffusion ")).split()[-1]
     assert any(line.lstrip().startswith("AR marginals ") for line in lines)
-    assert f"generate_tidar itself: {diffusion} tokens per forward" in run.stdout  # table 5 counts as decoding does
+    # table 5 counts as decoding does
+    assert f"generate_tidar itself: {diffusion} tokens per forward" in run.stdout
     print(run.stdout)
 
 
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("mode", ["model", "noisy", "oracle"])
 def test_target_counts_forwards_as_decoding_does(tiny, k, mode):
-    """Table 5 counts forwards offline, from the drafts of a block at every place one can start; with the model's
-    own drafts that is generate_tidar's count, and each step's drafts are the ones it fed, whether drafts are
-    rejected, partly or all accepted, and whether the text ends at max_new_tokens or at <|endoftext|>."""
+    """Table 5 counts forwards offline, from the drafts of a block at every place one can start; with the
+    model's own drafts that is generate_tidar's count, and each step's drafts are the ones it fed, whether
+    drafts are rejected, partly or all accepted, and whether the text ends at max_new_tokens or at
+    <|endoftext|>."""
     scale_weights(tiny, 2)  # drafts the context moves, some right; distributions not yet peaked
     for seed, max_new in [(0, 21), (1, 22)]:
         prompt = random_prompt(seed, n=3 + seed)
         text = generate_ar(tiny, prompt, max_new)
-        for eot in (tiny.config.eot_id, next(tok for tok in text[5:] if tok not in text[:5])):  # the second: a text
-            model = GPT(replace(tiny.config, eot_id=eot)).double().eval()  # token, where the text now ends early
+        # the second <|endoftext|>: a token of the text, where the text now ends early
+        for eot in (tiny.config.eot_id, next(tok for tok in text[5:] if tok not in text[:5])):
+            model = GPT(replace(tiny.config, eot_id=eot)).double().eval()
             model.load_state_dict(tiny.state_dict())
             seq = prompt + generate_ar(model, prompt, max_new)
             assert len(seq) - len(prompt) == (max_new if eot == tiny.config.eot_id else text.index(eot) + 1)
@@ -152,8 +162,8 @@ def test_target_counts_forwards_as_decoding_does(tiny, k, mode):
 
 
 def test_side_forward_is_a_plain_forward_of_each_branch(tiny):
-    """Each group beside table 5's one forward gets the logits of a forward of its own context alone: a path, a
-    causal forward of seq[:t] and the path; a block of [MASK]s, a prefill of seq[:t] and the block."""
+    """Each group beside table 5's one forward gets the logits of a forward of its own context alone: a path,
+    a causal forward of seq[:t] and the path; a block of [MASK]s, a prefill of seq[:t] and the block."""
     seq, m = random_prompt(1, n=9), tiny.config.mask_id
     groups = [(2, [3, 4, 5]), (3, [m] * 4), (7, [1]), (9, [m] * 4), (9, [6, 2]), (1, [m] * 2)]
     for (t, tokens), logits in zip(groups, ablations.side_forward(tiny, seq, groups)):
@@ -164,21 +174,23 @@ def test_side_forward_is_a_plain_forward_of_each_branch(tiny):
 
 @pytest.mark.parametrize("beam", [3, 11 * 11])
 def test_target_marginals_sum_over_the_beam(tiny, beam):
-    """Table 5's drafts at offsets 1 and 2 are the argmax of the AR model's marginal, summed over the `beam` most
-    likely tokens, then pairs, after the context (all of them: the exact marginal): brute force, one causal
-    forward for each pair of tokens."""
+    """Table 5's drafts at offsets 1 and 2 are the argmax of the AR model's marginal, summed over the `beam`
+    most likely tokens, then pairs, after the context (all of them: the exact marginal): brute force, one
+    causal forward for each pair of tokens."""
     scale_weights(tiny, 2)  # a context that moves the argmax, and distributions not yet peaked
     seq, V = random_prompt(0, n=8), tiny.config.vocab_size
     drafts, held = ablations.marginal_drafts(tiny, seq, range(1, 9), 3, beam=beam)
     mass = []
     for t in range(1, 9):
-        pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # (V*V, 2): the tokens a at t, b at t + 1
+        # (V*V, 2): the tokens a at t, b at t + 1
+        pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))
         x = torch.cat([torch.tensor(seq[:t]).expand(V * V, t), pairs], 1)
         p = torch.softmax(tiny(x, torch.arange(t + 2), causal_mask(t + 2)), -1)[:, t - 1 :]  # (V*V, 3, V)
         p_a = p[0, 0]  # the token at t, given seq[:t]
         kept_a = torch.zeros(V, dtype=torch.bool)
         kept_a[p_a.topk(min(beam, V)).indices] = True
-        p_ab = p_a[pairs[:, 0]] * p[:, 1].gather(1, pairs[:, 1:])[:, 0] * kept_a[pairs[:, 0]]  # p(a) p(b | a), kept a
+        # p(a) p(b | a), kept a
+        p_ab = p_a[pairs[:, 0]] * p[:, 1].gather(1, pairs[:, 1:])[:, 0] * kept_a[pairs[:, 0]]
         kept_ab = torch.zeros(V * V, dtype=torch.bool)
         kept_ab[p_ab.topk(beam).indices] = True
         offset1 = (p_a * kept_a)[:, None] * p[::V, 1]  # rows a = 0 .. V-1: p(a) p(. | a)
@@ -196,8 +208,10 @@ PHASES = ["a-gpu-tests", "b-train", "c1-bench-val", "c2-bench-outside", "c3-benc
 
 def reproduce(out, **env):  # started from out's folder, not the repository's
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
-    return subprocess.run(["bash", os.path.join(EXPERIMENTS, "reproduce.sh"), "--smoke", str(out)], cwd=out.parent,
-                          capture_output=True, text=True, env={**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", **env})
+    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", **env}
+    script = os.path.join(EXPERIMENTS, "reproduce.sh")
+    return subprocess.run(["bash", script, "--smoke", str(out)], cwd=out.parent, env=env, capture_output=True,
+                          text=True)
 
 
 def summary_rows(out):
@@ -241,5 +255,5 @@ def test_reproduce_goes_on_after_a_phase_fails_with_the_python_that_has_torch(tm
     without_packages("python3")
     r = reproduce(tmp_path / "results", PATH=f"{fake}{os.pathsep}/usr/bin{os.pathsep}/bin")
     assert r.returncode == 1 and r.stdout.splitlines() == [
-        "reproduce.sh: error: neither python nor python3 has torch, numpy, tiktoken and pytest: pip install -r "
-        "requirements.txt"]
+        "reproduce.sh: error: neither python nor python3 has torch, numpy, tiktoken and pytest: pip install "
+        "-r requirements.txt"]

@@ -83,7 +83,8 @@ def test_rejection_sampler_is_exact():
         (one_hot(2), rand().softmax(0)),  # one-hot target
         (r.softmax(0), one_hot(4)),  # one-hot draft
         (r.softmax(0), r.softmax(0)),  # equal: no rejection, and no 0/0
-        (torch.tensor([0.5, 0.5, 0, 0, 0, 0]).double(), torch.tensor([0, 0, 0.25, 0.25, 0.25, 0.25]).double()),
+        (torch.tensor([0.5, 0.5, 0, 0, 0, 0]).double(),
+         torch.tensor([0, 0, 0.25, 0.25, 0.25, 0.25]).double()),
     ]  # the last pair has disjoint supports
     for p, q in pairs:
         out = output_distribution(p, q)
@@ -92,10 +93,12 @@ def test_rejection_sampler_is_exact():
 
 
 def test_verify_is_exact_over_every_draw():
-    """verify itself (leading run of acceptances, residual or bonus, the uniforms it uses, the inverse-CDF draw)
-    over every pair of drafts and every point of a uniform grid, each row of one batch: the first new token
-    follows p_0, the next (once d_1 is kept) p_1, the bonus p_2. Quarters, so the grid's counts are exact."""
-    p = torch.tensor([[2, 1, 1], [0, 3, 1], [1, 1, 2]], dtype=torch.float64) / 4  # targets after d_0, d_1, d_2
+    """verify itself (leading run of acceptances, residual or bonus, the uniforms it uses, the inverse-CDF
+    draw) over every pair of drafts and every point of a uniform grid, each row of one batch: the first new
+    token follows p_0, the next (once d_1 is kept) p_1, the bonus p_2. Quarters, so the grid's counts are
+    exact."""
+    # targets after d_0, d_1, d_2
+    p = torch.tensor([[2, 1, 1], [0, 3, 1], [1, 1, 2]], dtype=torch.float64) / 4
     q = torch.tensor([[1, 2, 1], [2, 2, 0]], dtype=torch.float64) / 4  # d_1 ~ q_0, d_2 ~ q_1
     grid = (torch.arange(4, dtype=torch.float64) + 0.5) / 4
     rows = [(d, u, q[0, d[0]] * q[1, d[1]] / 64) for d in [(a, b) for a in range(3) for b in range(2)]
@@ -115,13 +118,14 @@ def test_verify_is_exact_over_every_draw():
 
 
 def sequence_probabilities(model, prompt, seqs, temperature, top_k):
-    """Exact probability that AR sampling produces each of seqs (each may end early at <|endoftext|>), from one
-    causal forward of them all, each padded after its end (which a causal forward never looks at)."""
+    """Exact probability that AR sampling produces each of seqs (each may end early at <|endoftext|>), from
+    one causal forward of them all, each padded after its end (which a causal forward never looks at)."""
     n = max(map(len, seqs))
     full = torch.tensor([prompt + list(seq) + [0] * (n - len(seq)) for seq in seqs])  # (len(seqs), P + n)
     logits = model(full, torch.arange(full.size(1)), causal_mask(full.size(1)))
     p = sample.probabilities(logits[:, len(prompt) - 1 : -1], temperature, top_k)  # (len(seqs), n, V)
-    p = p.gather(-1, full[:, len(prompt) :, None])[..., 0].double()  # (len(seqs), n): each token's probability
+    # (len(seqs), n): each token's probability
+    p = p.gather(-1, full[:, len(prompt) :, None])[..., 0].double()
     ended = torch.arange(n) >= torch.tensor([len(seq) for seq in seqs])[:, None]
     return p.masked_fill(ended, 1.0).prod(dim=1).tolist()
 
@@ -133,8 +137,9 @@ def peaked_gpt(seed, **kw):
 
 
 def test_drafts_are_verified_against_the_distribution_they_were_drawn_from(tiny, monkeypatch):
-    """At every step, not only the prefill's: the q that verify() divides by is the one choose() drew the drafts
-    from (the same temperature and top-k). A wrong q is lossy by a margin the sampling test below cannot see."""
+    """At every step, not only the prefill's: the q that verify() divides by is the one choose() drew the
+    drafts from (the same temperature and top-k). A wrong q is lossy by a margin the sampling test below
+    cannot see."""
     events, real_choose, real_verify = [], sample.choose, sample.verify
 
     def choose(logits, temperature, top_k, u):
@@ -208,7 +213,8 @@ def test_a_tiny_temperature_is_greedy(tiny):
     assert p.tolist() == [[1.0, 0.0, 0.0, 0.0]]
     prompt = random_prompt(6)
     greedy = generate_ar(tiny, prompt, 16)
-    assert generate_tidar(tiny, prompt, 16, temperature=1e-30, generator=torch.Generator().manual_seed(0))[0] == greedy
+    g = torch.Generator().manual_seed(0)
+    assert generate_tidar(tiny, prompt, 16, temperature=1e-30, generator=g)[0] == greedy
 
 
 # --- training and decoding agree
@@ -235,7 +241,8 @@ def test_decode_blocks_equal_fresh_prefills(tiny):
     step = tiny(idx, decode_step_positions(cache.length, k), decode_step_mask(cache.length, k, 32), cache)[0]
     for b in range(1, k + 1):  # block b: the pre-draft for "d_0 .. d_{b-1} accepted"
         seen = prompt + d[:b]
-        fresh = tiny(torch.tensor([seen + [m] * k]), torch.arange(len(seen) + k), prefill_mask(len(seen), k))[0]
+        x = torch.tensor([seen + [m] * k])
+        fresh = tiny(x, torch.arange(len(seen) + k), prefill_mask(len(seen), k))[0]
         torch.testing.assert_close(step[k * b : k * (b + 1)], fresh[len(seen) :], rtol=0, atol=1e-12)
 
 
@@ -265,7 +272,8 @@ def test_every_step_is_one_exact_cached_forward(tiny, batch):
     prompts = [random_prompt(seed, n) for seed, n, _ in batch]
     truths = [p + generate_ar(tiny, p, n_new) for p in prompts]
     model = Drafts(tiny, truths, [mode for _, _, mode in batch])
-    calls = []  # per forward: its input ids, and the cache as it was before it (lengths, K, V), then its logits
+    # per forward: its input ids, and the cache as it was before it (lengths, K, V), then its logits
+    calls = []
 
     def record(mod, args, out):
         idx, pos, mask, cache = args
@@ -277,8 +285,10 @@ def test_every_step_is_one_exact_cached_forward(tiny, batch):
     outs, stats = generate_tidar(model, prompts if len(batch) > 1 else prompts[0], n_new, draft_len=k)
     outs, stats = (outs, stats) if len(batch) > 1 else ([outs], [stats])
     assert [p + o for p, o in zip(prompts, outs)] == [t[: len(p) + n_new] for p, t in zip(prompts, truths)]
-    assert len(calls) == 1 + max(len(st["trace"]) for st in stats) == max(st["forwards"] for st in stats)  # 10
-    assert calls[0][0].shape[1] == max(map(len, prompts)) + k  # prefill: the prompts and k masks (and padding)
+    # the prefill and one forward per step (10 here)
+    assert len(calls) == 1 + max(len(st["trace"]) for st in stats) == max(st["forwards"] for st in stats)
+    # prefill: the prompts and k masks (and padding)
+    assert calls[0][0].shape[1] == max(map(len, prompts)) + k
     assert all(c[0].shape[1] == k + k * k for c in calls[1:])  # each step: k + k*k queries
     for b, (prompt, truth, st) in enumerate(zip(prompts, truths, stats)):
         assert all(1 <= c <= k for c in st["committed"])
@@ -289,7 +299,8 @@ def test_every_step_is_one_exact_cached_forward(tiny, batch):
             assert set(st["committed"]) == {1}
         if mode == "noisy":
             assert {1, k} <= set(st["committed"]) and len(set(st["committed"])) >= 3
-        for s, (idx, length, K, V, logits) in enumerate(calls[1 : 1 + len(st["trace"])]):  # the steps it was live
+        # the steps it was live
+        for s, (idx, length, K, V, logits) in enumerate(calls[1 : 1 + len(st["trace"])]):
             L = int(length[b])
             assert L == len(prompt) + sum(st["committed"][:s])
             ref_k, ref_v = fresh_kv(tiny, truth[:L])
@@ -314,8 +325,9 @@ def test_batch_rows_equal_prompts_decoded_alone(tiny, decoder):
         modes = ["oracle", "garbage", "model", "noisy"]
         model = Drafts(tiny, [(p or [tiny.config.eot_id]) + a for p, a in zip(prompts, alone)], modes)
         outs, stats = generate_tidar(model, prompts, 20, draft_len=4)
-        assert [generate_tidar(Drafts(tiny, [model.truths[b]], [modes[b]]), p, 20, draft_len=4)[1]["committed"]
-                for b, p in enumerate(prompts)] == [st["committed"] for st in stats]  # the same steps as alone
+        alone_steps = [generate_tidar(Drafts(tiny, [model.truths[b]], [modes[b]]), p, 20, draft_len=4)[1]
+                       for b, p in enumerate(prompts)]
+        assert [st["committed"] for st in alone_steps] == [st["committed"] for st in stats]  # the same steps
     else:
         outs, stats = generate_speculative(tiny, drafter, prompts, 20, draft_len=3)
         assert [generate_speculative(tiny, drafter, p, 20, draft_len=3)[1]["committed"] for p in prompts] == \
@@ -336,7 +348,8 @@ def test_one_host_read_per_step(tiny, monkeypatch):
     drafter = GPT(replace(tiny.config, n_layer=1)).double().eval()
     for decode in (lambda: generate_ar(tiny, [[1, 2], [3]], 9),
                    lambda: generate_tidar(tiny, [[1, 2], [3]], 9, draft_len=3, temperature=1.0),
-                   lambda: generate_speculative(tiny, drafter, [[1, 2], [3]], 9, draft_len=2, temperature=1.0)):
+                   lambda: generate_speculative(tiny, drafter, [[1, 2], [3]], 9, draft_len=2,
+                                                temperature=1.0)):
         reads.clear(), forwards.clear()
         decode()
         assert len(forwards) >= 3 and reads == ["tolist"] * len(forwards)  # prefill, then each step
@@ -509,7 +522,8 @@ def test_every_step_is_the_same_graph(tiny, monkeypatch):
     def recording_run(step, *args):
         inputs = []
 
-        def recorded(*fresh):  # as cuda_graph does: the step's inputs are copied into tensors that stay in place
+        # as cuda_graph does: the step's inputs are copied into tensors that stay in place
+        def recorded(*fresh):
             inputs[:] = inputs or [x.clone() for x in fresh]
             for x, f in zip(inputs, fresh):
                 x.copy_(f)
@@ -524,14 +538,17 @@ def test_every_step_is_the_same_graph(tiny, monkeypatch):
     prompts = PROMPTS
     for decode in (lambda g: generate_ar(tiny, prompts, 12, temperature=1.0, generator=g),
                    lambda g: generate_tidar(tiny, prompts, 12, draft_len=3, generator=g),
-                   lambda g: generate_tidar(tiny, prompts, 12, draft_len=3, temperature=1.0, top_k=4, generator=g),
-                   lambda g: generate_tidar(tiny, prompts, 12, draft_len=2, beta=0.5, rule="paper", generator=g),
+                   lambda g: generate_tidar(tiny, prompts, 12, draft_len=3, temperature=1.0, top_k=4,
+                                            generator=g),
+                   lambda g: generate_tidar(tiny, prompts, 12, draft_len=2, beta=0.5, rule="paper",
+                                            generator=g),
                    lambda g: generate_speculative(tiny, drafter, prompts, 12, draft_len=3, temperature=0.9,
                                                   generator=g)):
         steps.clear()
         decode(torch.Generator().manual_seed(0))
         assert len(steps) >= 3
-        sync = [op for op, *_ in steps[0] if "_local_scalar_dense" in op or "nonzero" in op or "lift_fresh" in op]
+        sync = [op for op, *_ in steps[0] if any(name in op for name in ("_local_scalar_dense", "nonzero",
+                                                                           "lift_fresh"))]
         assert sync == []  # a read of a value, a shape that depends on one, or a tensor made from host data
         assert all(s == steps[0] for s in steps[1:])
 
@@ -573,8 +590,8 @@ class CPUGraph(TorchDispatchMode):
 
 @pytest.fixture
 def cpu_graphs(monkeypatch):
-    """sample.cuda_graph running on the CPU, on CPUGraph: a decoder called with capture=True replays its steps.
-    Returns the list of the graphs recorded, in order."""
+    """sample.cuda_graph running on the CPU, on CPUGraph: a decoder called with capture=True replays its
+    steps. Returns the list of the graphs recorded, in order."""
     stream = type("Stream", (), {"wait_stream": lambda self, other: None})
     monkeypatch.setattr(torch.cuda, "Stream", stream)
     monkeypatch.setattr(torch.cuda, "current_stream", stream)
@@ -583,7 +600,9 @@ def cpu_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: CPUGraph(recorded))
     monkeypatch.setattr(torch.cuda, "graph", lambda graph: graph)
     run = sample.run
-    monkeypatch.setattr(sample, "run", lambda step, *args: run(sample.cuda_graph(step) if args[-1] else step, *args))
+    # run's last argument is capture
+    monkeypatch.setattr(sample, "run", lambda step, *args: run(sample.cuda_graph(step) if args[-1] else step,
+                                                               *args))
     return recorded
 
 
@@ -600,7 +619,8 @@ def replays_equal_eager(model, graphs=None):
                 lambda **kw: generate_tidar(model, PROMPTS, 12, draft_len=3, **kw),
                 lambda **kw: generate_tidar(model, PROMPTS, 12, draft_len=3, temperature=1.0, top_k=4, **kw),
                 lambda **kw: generate_tidar(model, PROMPTS, 12, draft_len=2, beta=0.5, rule="paper", **kw),
-                lambda **kw: generate_speculative(model, drafter, PROMPTS, 12, draft_len=3, temperature=0.9, **kw)]
+                lambda **kw: generate_speculative(model, drafter, PROMPTS, 12, draft_len=3, temperature=0.9,
+                                                  **kw)]
     for decode in decoders:
         eager = decode(capture=False, generator=torch.Generator(device).manual_seed(0))
         before = len(graphs or [])
@@ -636,7 +656,8 @@ def test_cuda_replays_equal_eager_steps(tiny):
         (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
         (dict(prompt_ids=[1, 11]), r"prompt token ids must be ints in \[0, 11\)"),  # 11 is [MASK]
         (dict(prompt_ids=[[1, 2], [3, -1]]), r"prompt token ids must be ints in \[0, 11\)"),
-        (dict(prompt_ids=[[1], [2] * 20], max_new_tokens=21), "prompt \\(20 tokens\\)"),  # the longest row counts
+        # the longest row counts
+        (dict(prompt_ids=[[1], [2] * 20], max_new_tokens=21), "prompt \\(20 tokens\\)"),
     ],
 )
 def test_bad_requests_fail_before_decoding(tiny, kwargs, message):
@@ -679,7 +700,8 @@ def test_cli_eager_turns_the_cuda_graph_off(tmp_path, monkeypatch):
     seen = []  # the capture argument of every decoder call (the warm-ups, TiDAR, AR)
     for name in ("generate_tidar", "generate_ar"):
         real = getattr(sample, name)
-        monkeypatch.setattr(sample, name, lambda *a, _real=real, **kw: seen.append(kw["capture"]) or _real(*a, **kw))
+        spy = lambda *a, _real=real, **kw: seen.append(kw["capture"]) or _real(*a, **kw)
+        monkeypatch.setattr(sample, name, spy)
     for flags, capture in (([], True), (["--eager"], False)):
         seen.clear()
         sample.main(sample.parser.parse_args(["--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "x",
@@ -696,11 +718,12 @@ def test_cli_replayed_equals_eager(tmp_path, cpu_graphs, capsys):
     for flags in ([], ["--eager"]):
         sample.main(sample.parser.parse_args(["--out_dir", str(tmp_path), "--device", "cpu", "--prompt",
                                               f"FILE:{tmp_path / 'prompts.txt'}", "--batch_size", "2",
-                                              "--num_samples", "2", "--temperature", "0.8", "--max_new_tokens",
-                                              "12", "--compare", "--show", *flags]))
+                                              "--num_samples", "2", "--temperature", "0.8",
+                                              "--max_new_tokens", "12", "--compare", "--show", *flags]))
         printed.append(re.sub(r"[\d.]+ ?(s|tokens/s|x)\b", "", capsys.readouterr().out))  # not the timings
     assert printed[0] == printed[1] and printed[0].count("--- AR:") == 4
-    assert len(cpu_graphs) == 10  # one graph per generation: 2 warm-ups, then 2 samples x 2 batches x 2 decoders
+    # one graph per generation: 2 warm-ups, then 2 samples x 2 batches x 2 decoders
+    assert len(cpu_graphs) == 10
 
 
 def test_cli_batches(tmp_path):
@@ -734,18 +757,21 @@ def test_cli_batches(tmp_path):
         (["--prompt", "FILE:/nonexistent/prompt.txt"], "cannot read prompt file"),
         (["--num_samples", "0"], "--num_samples must be at least 1"),
         (["--device", "tpu"], "--device=tpu is not available here"),
-        (["--temperature", "1e-45"], "temperature 1e-45 is too small to divide by in float32: use 0 for greedy"),
-        (["--draft_len", "300"], "room for the drafts (600) = 602 exceeds the model's context of 96: use a smaller "
-                                 "draft_len: its room alone fills the context"),
-        (["--draft_len", "40", "--prompt", "x" * 20], "shorten the prompt to 15 tokens or fewer, or use a smaller "
-                                                      "draft_len"),
+        (["--temperature", "1e-45"],
+         "temperature 1e-45 is too small to divide by in float32: use 0 for greedy"),
+        (["--draft_len", "300"],
+         "room for the drafts (600) = 602 exceeds the model's context of 96: use a smaller draft_len: its "
+         "room alone fills the context"),
+        (["--draft_len", "40", "--prompt", "x" * 20],
+         "shorten the prompt to 15 tokens or fewer, or use a smaller draft_len"),
         (["--max_new_tokens", "0"], "max_new_tokens must be at least 1"),
     ],
 )
 def test_cli_bad_input(tmp_path, capsys, args, message):
     write_checkpoint(tmp_path)
     with pytest.raises(SystemExit) as e:
-        sample.main(sample.parser.parse_args(["--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "x"] + args))
+        sample.main(sample.parser.parse_args(["--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "x",
+                                              *args]))
     assert e.value.code != 0
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
@@ -763,9 +789,10 @@ def test_cli_checkpoint_problems(tmp_path, capsys):
     assert "does not match its tokenizer" in error(tmp_path / "bad")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "ckpt.pt").write_bytes(bytes(range(256)) * 4)
-    assert error(tmp_path / "junk").endswith(f"cannot load {tmp_path / 'junk' / 'ckpt.pt'} (UnpicklingError): it is "
-                                             "damaged, or not a checkpoint of this version's train.py; retrain, or "
-                                             "pick another --out_dir\n")  # not torch's advice to load it unsafely
+    # not torch's advice to load it unsafely
+    assert error(tmp_path / "junk").endswith(
+        f"cannot load {tmp_path / 'junk' / 'ckpt.pt'} (UnpicklingError): it is damaged, or not a checkpoint "
+        "of this version's train.py; retrain, or pick another --out_dir\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "ckpt.pt").write_bytes(b"")  # a 0-byte file: an exception with no message
     assert "cannot load" in error(tmp_path / "empty")
@@ -774,7 +801,8 @@ def test_cli_checkpoint_problems(tmp_path, capsys):
 def test_cli_ctrl_c_is_one_line(tmp_path):
     write_checkpoint(tmp_path)
     prelude = "import tidar\ndef stop(*a, **k): raise KeyboardInterrupt\ntidar.GPT.forward = stop"
-    run = run_script("sample.py", "--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "x", prelude=prelude)
+    run = run_script("sample.py", "--out_dir", str(tmp_path), "--device", "cpu", "--prompt", "x",
+                     prelude=prelude)
     assert run.stderr == "sample.py: interrupted\n" and run.returncode == -signal.SIGINT
 
 

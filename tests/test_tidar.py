@@ -1,5 +1,6 @@
 """The model side, as a specification: the masks against slow loops, no leakage, the clean half is a plain AR
-model, cached = uncached, exact rollback (by hand), the loss, and every attention backend honouring its mask."""
+model, cached = uncached, exact rollback (by hand), the loss, and every attention backend honouring its
+mask."""
 import math
 import warnings
 from dataclasses import replace
@@ -85,7 +86,8 @@ def test_per_row_masks_hide_every_slot_past_what_a_row_may_see():
     k, n_keys, L = 3, 40, torch.tensor([0, 5, 20])
     M = decode_step_mask(L, k, n_keys)
     assert M.shape == (3, k + k * k, n_keys)
-    assert torch.equal(place_step_mask(decode_step_mask(0, k), L, n_keys), M)  # the paper's trick: the same mask
+    # the paper's trick: the same mask
+    assert torch.equal(place_step_mask(decode_step_mask(0, k), L, n_keys), M)
     for b, l in enumerate(L.tolist()):
         own = decode_step_mask(l, k)
         assert torch.equal(M[b, :, : own.size(1)], own) and not M[b, :, own.size(1) :].any()
@@ -96,7 +98,8 @@ def test_per_row_masks_hide_every_slot_past_what_a_row_may_see():
     F_ = prefill_mask(P, k, W, n_keys)
     for b, p in enumerate(P.tolist()):
         assert torch.equal(F_[b, : p + k, : p + k], prefill_mask(p, k)) and not F_[b, : p + k, p + k :].any()
-        assert F_[b, p + k :].any(dim=1).all()  # the padding rows have keys too (no NaN), and nobody sees them
+        # the padding rows have keys too (no NaN), and nobody sees them
+        assert F_[b, p + k :].any(dim=1).all()
         assert not F_[b, : p + k, p + k : W].any()
 
 
@@ -183,7 +186,8 @@ def test_rollback_is_exact(tiny, n):
     torch.testing.assert_close(cache.keys[:, :, :, :L], ref.keys[:, :, :, :L], rtol=0, atol=1e-12)
     torch.testing.assert_close(cache.values[:, :, :, :L], ref.values[:, :, :, :L], rtol=0, atol=1e-12)
     # the next step sees nothing of what was rolled back (drafts, or the [MASK] rows left in the buffer)
-    assert not torch.equal(cache.keys[:, :, :, L : L + 4], ref.keys[:, :, :, L : L + 4])  # scratch rows are there
+    # scratch rows are there
+    assert not torch.equal(cache.keys[:, :, :, L : L + 4], ref.keys[:, :, :, L : L + 4])
     nxt = [3, 1, 4, 1]
     torch.testing.assert_close(decode_step(tiny, cache, nxt), decode_step(tiny, ref, nxt), rtol=0, atol=1e-12)
 
@@ -251,12 +255,14 @@ def test_flex_attention_block_masks_give_the_dense_logits(tiny):
     x, B, m = torch.randint(0, 10, (2, 16)), tiny.config.block_len, tiny.config.mask_id
     with warnings.catch_warnings(), torch.no_grad():  # no backward on the CPU
         warnings.simplefilter("ignore")  # "called without torch.compile": expected here
-        pairs = [(tidar_inputs(x, B, m, flex=True), tidar_inputs(x, B, m)), (ar_inputs(x, True), ar_inputs(x))]
+        pairs = [(tidar_inputs(x, B, m, flex=True), tidar_inputs(x, B, m)),
+                 (ar_inputs(x, True), ar_inputs(x))]
         for flex, dense in pairs:
             assert dense[2].dtype == torch.bool and not isinstance(flex[2], torch.Tensor)
             torch.testing.assert_close(tiny(*flex), tiny(*dense), rtol=0, atol=1e-10)
         other = flex_mask(training_allowed, 32, torch.device("cpu"), S=16, B=B + 4)  # another block length
-        assert not torch.allclose(tiny(*tidar_inputs(x, B, m, flex=True)), tiny(*tidar_inputs(x, B, m)[:2], other))
+        idx, pos, _ = tidar_inputs(x, B, m)
+        assert not torch.allclose(tiny(*tidar_inputs(x, B, m, flex=True)), tiny(idx, pos, other))
         assert flex_mask(causal_allowed, 16, torch.device("cpu")) is ar_inputs(x, True)[2]  # built once
 
 
@@ -268,15 +274,17 @@ def test_positions_are_relative(tiny):
     logits = [tiny(idx, torch.arange(12) + shift, mask) for shift in (0, 5, 29)]
     for shifted in logits[1:]:
         torch.testing.assert_close(shifted, logits[0], rtol=0, atol=1e-10)
-    assert not torch.allclose(tiny(idx, torch.arange(12).flip(0), mask), logits[0])  # the order of positions counts
+    # the order of positions counts
+    assert not torch.allclose(tiny(idx, torch.arange(12).flip(0), mask), logits[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's attention kernels exist only on CUDA")
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_cuda_attention_honours_the_decode_mask(dtype, atol):
-    """On a GPU (CI has none): whatever kernel SDPA picks there for a decode step (a per-row mask over a static
-    cache, made additive as GPT.forward does; float32 or bfloat16) attends as the CPU's float64 path does, and
-    scratch slots full of garbage stay hidden, as they must when a kernel would rather ignore the mask."""
+    """On a GPU (CI has none): whatever kernel SDPA picks there for a decode step (a per-row mask over a
+    static cache, made additive as GPT.forward does; float32 or bfloat16) attends as the CPU's float64 path
+    does, and scratch slots full of garbage stay hidden, as they must when a kernel would rather ignore the
+    mask."""
     torch.manual_seed(0)
     config = GPTConfig(n_layer=1, n_head=2, n_embd=128, seq_len=64)
     attn, N, k, C = SelfAttention(config, 0).double(), 2, 4, 128
@@ -292,7 +300,8 @@ def test_cuda_attention_honours_the_decode_mask(dtype, atol):
         c = KVCache(config, N, 48, device, dtype)
         c.keys.copy_(cache.keys), c.values.copy_(cache.values), c.length.copy_(L)
         to = lambda t: t.to(device, dtype)
-        return attn.to(device, dtype)(to(x), to(cos), to(sin), additive_mask(mask.to(device), dtype), c).double().cpu()
+        out = attn.to(device, dtype)(to(x), to(cos), to(sin), additive_mask(mask.to(device), dtype), c)
+        return out.double().cpu()
 
     ref = attend("cpu", torch.float64)
     torch.testing.assert_close(attend("cuda", dtype), ref, rtol=0, atol=atol)
