@@ -1,6 +1,6 @@
-"""bench.py, ablations.py and reproduce.sh run end to end on the CPU with tiny models; their figures are
-printed, not asserted. What ablations.py's table 5 computes offline (drafts beside one forward, the AR model's
-marginals, the forwards of a decoding) is checked against decoding and brute force."""
+"""experiments/: bench.py, ablations.py and reproduce.sh run end to end on the CPU with tiny models; their
+figures are printed, not asserted. What ablations.py's table 5 computes offline (drafts beside one forward,
+the AR model's marginals, the forwards of a decoding) is checked against decoding and brute force."""
 import json
 import os
 import signal
@@ -221,8 +221,8 @@ def summary_rows(out):
 
 
 def test_reproduce_smoke_runs_every_phase(tmp_path):
-    """bash reproduce.sh --smoke: every phase of the GPU run, at tiny sizes on the CPU, each ending well, its
-    results in a few small files; the models beside them."""
+    """bash experiments/reproduce.sh --smoke: every phase of the GPU run, at tiny sizes on the CPU, each
+    ending well, its results in a few small files; the models beside them."""
     r = reproduce(tmp_path / "results")
     assert r.returncode == 0, r.stdout + r.stderr
     assert summary_rows(tmp_path / "results") == dict.fromkeys(PHASES, "ok")
