@@ -2,14 +2,16 @@
 The command line of the scripts. train.py's settings, in the manner of nanoGPT's configurator.py: each
 setting at the top of train.py is overridden with --name=value under the same name, and --help lists them
 with their comments. A wrong name, type or choice is one line on stderr and exit status 2 (a usage error),
-before anything slow happens. And what every script shares: fail(), its one way to stop on a bad input, and
-quiet_exits(), which turns a Ctrl-C or a closed pipe into one line instead of a traceback.
+before anything slow happens. And what every script shares: fail(), its one way to stop on a bad input,
+quiet_exits(), which turns a Ctrl-C or a closed pipe into one line instead of a traceback, read_prompts()
+for sample.py's --prompt, and timed().
 """
 import ast
 import difflib
 import os
 import re
 import sys
+import time
 
 
 def fail(msg, code=1):
@@ -74,3 +76,32 @@ def print_help(settings, script, cpu_preset):
         print(f"  --{key}={default}".ljust(28) + f"  # {comments.get(key, '')}")
     print("\nwith no GPU, a fresh run takes instead (unless set on the command line):\n  " +
           " ".join(f"--{k}={v}" for k, v in cpu_preset.items()))
+
+
+def read_prompts(text, enc, batch_size):
+    """sample.py's --prompt as (texts, their ids): the prompts of a FILE: that holds several (separated by
+    lines '<|endoftext|>'), or batch_size copies of one."""
+    if text.startswith("FILE:"):
+        try:
+            with open(text[5:], encoding="utf-8") as f:
+                texts = [t for t in re.split(r"^<\|endoftext\|>\n?", f.read(), flags=re.M) if t] or [""]
+        except OSError as e:
+            fail(f"cannot read prompt file {text[5:]!r}: {e.strerror}")
+        except UnicodeDecodeError:
+            fail(f"prompt file {text[5:]!r} is not UTF-8 text: save it as UTF-8")
+    else:
+        texts = [text]
+    texts = texts if len(texts) > 1 else texts * batch_size
+    return texts, [enc.encode(t, allowed_special="all") for t in texts]
+
+
+def timed(fn, device):
+    """(fn(), the seconds it took), the device waited for on CUDA before and after."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """
 What keeps a train.py run from failing late or losing work, each piece one call in train.py, so that the
-training itself reads top to bottom there. Every check stops the run with one line on stderr (configurator's
+training itself reads top to bottom there; and, for sample.py and experiments/, the checks of a decoding
+request and of the checkpoint it decodes. Every check stops the run with one line on stderr (configurator's
 fail): exit status 2 for a usage error found before anything ran, 1 otherwise, 130 for Ctrl-C.
 
     check_values, check_agreement                         the settings, alone and together
@@ -10,6 +11,7 @@ fail): exit status 2 for a usage error found before anything ran, 1 otherwise, 1
     claim_out_dir, check_disk_space                       no checkpoint replaced unasked, one writer, room
     LastCheckpoint, save_checkpoint, check_finite,
     stop_interrupted                                      what a run that stops leaves behind, and says
+    check_request, load_model                             decoding: the request, the model and its tokenizer
 
 torch is imported inside the functions that need it: `train.py --help` and a mistyped setting answer at once.
 """
@@ -265,3 +267,65 @@ def stop_interrupted(where, last, master):
     if master:  # torchrun passes Ctrl-C to every process
         print(f"train.py: interrupted {where}; {last}", file=sys.stderr)
     sys.exit(130)
+
+
+# --- decoding: sample.py and experiments/
+
+
+def check_request(config, prompts, max_new_tokens, temperature, top_k, room=0, k=1, beta=1.0,
+                  rule="lossless"):
+    """Bad requests fail before decoding starts, each with a message that says what to change. room: the
+    positions a step reaches past the last token (2k for TiDAR: its last block ends at L + 2k - 1)."""
+    import torch
+
+    ids, V, S, P = [t for p in prompts for t in p], config.vocab_size, config.seq_len, max(map(len, prompts))
+    drafts, or_k = (f" + room for the drafts ({room})", ", or use a smaller draft_len") if room else ("", "")
+    fix = (f"use max_new_tokens <= {S - P - room}" if S - P - room >= 1 else
+           "use a smaller draft_len: its room alone fills the context" if room >= S - 1 else
+           f"shorten the prompt to {S - 1 - room} tokens or fewer{or_k}")
+    for ok, message in [  # checked in order: the first that fails is the error
+        (all(isinstance(t, int) and 0 <= t < V for t in ids),  # [MASK] (id V) is no prompt token
+         f"prompt token ids must be ints in [0, {V}), got {min(ids)}..{max(ids)}"),
+        (k >= 1, f"draft_len must be at least 1, got {k}"),
+        (max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
+        (0 <= temperature < math.inf, f"temperature must be a number >= 0 (0 = greedy), got {temperature}"),
+        (not 0 < temperature < torch.finfo(torch.float32).tiny,
+         f"temperature {temperature} is too small to divide by in float32: use 0 for greedy"),
+        (top_k is None or top_k >= 1, f"top_k must be at least 1 (or unset), got {top_k}"),
+        (0 <= beta <= 1, f"beta must lie in [0, 1], got {beta}"),
+        (rule in ("lossless", "paper"), f"rule must be 'lossless' or 'paper', got {rule!r}"),
+        (P + max_new_tokens + room <= S, f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}){drafts} = "
+         f"{P + max_new_tokens + room} exceeds the model's context of {S}: {fix}"),
+    ]:
+        if not ok:
+            raise ValueError(message)
+
+
+def load_model(out_dir, device, dtype=None):
+    """The model of out_dir/ckpt.pt (in dtype, float32 by default) and its tokenizer, or one line that says
+    what is wrong."""
+    import torch
+
+    from data.prepare import get_tokenizer
+    from tidar import GPT, GPTConfig
+
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}: train one first with `python train.py` (or pass --out_dir)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # (torch's own message advises weights_only=False: not what to do here)
+        fail(f"cannot load {path} ({type(e).__name__}): it is damaged, or not a checkpoint of this version's "
+             "train.py; retrain, or pick another --out_dir")
+    try:
+        enc = get_tokenizer(ckpt["tokenizer"])
+    except (RuntimeError, ValueError) as e:  # gpt2's vocabulary could not be downloaded, say
+        fail(str(e))
+    config = model.config
+    if (enc.n_vocab, enc.eot_token) != (config.vocab_size, config.eot_id):
+        fail(f"{path} was trained on {config.vocab_size} tokens with <|endoftext|> = {config.eot_id}, but "
+             f"tokenizer {ckpt['tokenizer']!r} has {enc.n_vocab} and {enc.eot_token}: the checkpoint does "
+             "not match its tokenizer")
+    return model.to(device, dtype or torch.float32).eval(), enc

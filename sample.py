@@ -12,21 +12,17 @@ CUDA graph. experiments/ablations.py's generate_speculative, the paper's baselin
     python sample.py --prompt "import os" --batch_size=8 --temperature=0.8  # 8 samples, decoded together
 """
 import argparse
-import math
-import os
-import re
 import sys
-import time
 
-from configurator import fail, quiet_exits
+from configurator import fail, quiet_exits, read_prompts, timed
+from guards import check_request, load_model
 
 if __name__ == "__main__":
     sys.excepthook = quiet_exits()  # Ctrl-C, from here on, is one line; so is a closed pipe (`... | head`)
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from data.prepare import get_tokenizer  # noqa: E402
-from tidar import GPT, GPTConfig, KVCache, causal_mask, decode_step_mask, decode_step_positions  # noqa: E402
+from tidar import KVCache, causal_mask, decode_step_mask, decode_step_positions  # noqa: E402
 from tidar import pick_device, place_step_mask, prefill_mask  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -206,40 +202,14 @@ def mix(ar_logits, diffusion_logits, beta):
 
 
 # -----------------------------------------------------------------------------
-# Plumbing shared by the decoders: requests, the cache, the prefill, the random numbers, the loop
+# Plumbing shared by the decoders: the batch, the cache, the prefill, the random numbers, the loop
+# (guards.check_request turns a request that cannot be decoded into one clear error first)
 
 
 def as_batch(prompt_ids, eot_id):
     """One prompt (a list of ids) or a batch (a list of lists) -> (list of prompts, whether it was one)."""
     one = len(prompt_ids) == 0 or not isinstance(prompt_ids[0], (list, tuple))
     return [list(prompt) or [eot_id] for prompt in ([prompt_ids] if one else prompt_ids)], one
-
-
-def check_request(config, prompts, max_new_tokens, temperature, top_k, room=0, k=1, beta=1.0,
-                  rule="lossless"):
-    """Bad requests fail before decoding starts, each with a message that says what to change. room: the
-    positions a step reaches past the last token (2k for TiDAR: its last block ends at L + 2k - 1)."""
-    ids, V, S, P = [t for p in prompts for t in p], config.vocab_size, config.seq_len, max(map(len, prompts))
-    drafts, or_k = (f" + room for the drafts ({room})", ", or use a smaller draft_len") if room else ("", "")
-    fix = (f"use max_new_tokens <= {S - P - room}" if S - P - room >= 1 else
-           "use a smaller draft_len: its room alone fills the context" if room >= S - 1 else
-           f"shorten the prompt to {S - 1 - room} tokens or fewer{or_k}")
-    for ok, message in [  # checked in order: the first that fails is the error
-        (all(isinstance(t, int) and 0 <= t < V for t in ids),  # [MASK] (id V) is no prompt token
-         f"prompt token ids must be ints in [0, {V}), got {min(ids)}..{max(ids)}"),
-        (k >= 1, f"draft_len must be at least 1, got {k}"),
-        (max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
-        (0 <= temperature < math.inf, f"temperature must be a number >= 0 (0 = greedy), got {temperature}"),
-        (not 0 < temperature < torch.finfo(torch.float32).tiny,
-         f"temperature {temperature} is too small to divide by in float32: use 0 for greedy"),
-        (top_k is None or top_k >= 1, f"top_k must be at least 1 (or unset), got {top_k}"),
-        (0 <= beta <= 1, f"beta must lie in [0, 1], got {beta}"),
-        (rule in ("lossless", "paper"), f"rule must be 'lossless' or 'paper', got {rule!r}"),
-        (P + max_new_tokens + room <= S, f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}){drafts} = "
-         f"{P + max_new_tokens + room} exceeds the model's context of {S}: {fix}"),
-    ]:
-        if not ok:
-            raise ValueError(message)
 
 
 def new_cache(model, prompts, max_new_tokens, T):
@@ -340,70 +310,28 @@ def cuda_graph(step):
 # Command line
 
 parser = argparse.ArgumentParser(description="TiDAR decoding of a checkpoint written by train.py")
-parser.add_argument("--prompt", default="", help="text, or FILE:path (prompts separated by lines "
-                    "'<|endoftext|>'); empty = start of a document")
-parser.add_argument("--out_dir", default="out", help="folder with ckpt.pt")
-parser.add_argument("--num_samples", type=int, default=1, help="times to decode, each with its own seed")
-parser.add_argument("--batch_size", type=int, default=1, help="sequences decoded together: copies of the "
-                    "prompt, or the prompts of a FILE: that holds several, this many at a time")
-parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 256, or what the model's "
-                    "context leaves")
-parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
-parser.add_argument("--top_k", type=int, default=None)
-parser.add_argument("--draft_len", type=int, default=None, help="k; default: the block length B of training")
-parser.add_argument("--beta", type=float, default=1.0, help="targets = beta * AR + (1 - beta) * mask slot 0: "
-                    "1 = trust AR (lossless under --rule=lossless); the authors' default with --rule=paper "
-                    "is 0")
-parser.add_argument("--rule", default="lossless", choices=["lossless", "paper"],
-                    help="paper: the authors' released rule, which commits slot 0 of each block unverified")
-parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="float32 keeps --compare's identity exact; bfloat16 is faster on a GPU")
-parser.add_argument("--eager", action="store_true", help="on CUDA: launch every kernel from Python "
-                    "instead of replaying each step from a CUDA graph")
-parser.add_argument("--seed", type=int, default=1337)
-parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-parser.add_argument("--compare", action="store_true", help="also decode with plain AR and compare")
-parser.add_argument("--show", action="store_true", help="draw each step: accepted, rejected, decided")
-
-
-def load_checkpoint(out_dir, device, dtype=torch.float32):
-    """The model of out_dir/ckpt.pt and its tokenizer, or one line that says what is wrong."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}: train one first with `python train.py` (or pass --out_dir)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except Exception as e:  # (torch's own message advises weights_only=False: not what to do here)
-        fail(f"cannot load {path} ({type(e).__name__}): it is damaged, or not a checkpoint of this version's "
-             "train.py; retrain, or pick another --out_dir")
-    try:
-        enc = get_tokenizer(ckpt["tokenizer"])
-    except (RuntimeError, ValueError) as e:  # gpt2's vocabulary could not be downloaded, say
-        fail(str(e))
-    config = model.config
-    if (enc.n_vocab, enc.eot_token) != (config.vocab_size, config.eot_id):
-        fail(f"{path} was trained on {config.vocab_size} tokens with <|endoftext|> = {config.eot_id}, but "
-             f"tokenizer {ckpt['tokenizer']!r} has {enc.n_vocab} and {enc.eot_token}: the checkpoint does "
-             "not match its tokenizer")
-    return model.to(device, dtype).eval(), enc
-
-
-def read_prompts(text, enc, batch_size):
-    """The batch of prompt ids: the prompts of a FILE: that holds several, or batch_size copies of one."""
-    if text.startswith("FILE:"):
-        try:
-            with open(text[5:], encoding="utf-8") as f:
-                texts = [t for t in re.split(r"^<\|endoftext\|>\n?", f.read(), flags=re.M) if t] or [""]
-        except OSError as e:
-            fail(f"cannot read prompt file {text[5:]!r}: {e.strerror}")
-        except UnicodeDecodeError:
-            fail(f"prompt file {text[5:]!r} is not UTF-8 text: save it as UTF-8")
-    else:
-        texts = [text]
-    texts = texts if len(texts) > 1 else texts * batch_size
-    return texts, [enc.encode(t, allowed_special="all") for t in texts]
+arg = parser.add_argument
+arg("--prompt", default="", help="text, or FILE:path (prompts separated by lines '<|endoftext|>'); empty = "
+    "start of a document")
+arg("--out_dir", default="out", help="folder with ckpt.pt")
+arg("--num_samples", type=int, default=1, help="times to decode, each with its own seed")
+arg("--batch_size", type=int, default=1, help="sequences decoded together: copies of the prompt, or the "
+    "prompts of a FILE: that holds several, this many at a time")
+arg("--max_new_tokens", type=int, default=None, help="default: 256, or what the model's context leaves")
+arg("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+arg("--top_k", type=int, default=None)
+arg("--draft_len", type=int, default=None, help="k; default: the block length B of training")
+arg("--beta", type=float, default=1.0, help="targets = beta * AR + (1 - beta) * mask slot 0: 1 = trust AR "
+    "(lossless under --rule=lossless); the authors' default with --rule=paper is 0")
+arg("--rule", default="lossless", choices=["lossless", "paper"], help="paper: the authors' released rule, "
+    "which commits slot 0 of each block unverified")
+arg("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="float32 keeps "
+    "--compare's identity exact; bfloat16 is faster on a GPU")
+arg("--eager", action="store_true", help="on CUDA: no CUDA graph, every kernel launched from Python")
+arg("--seed", type=int, default=1337)
+arg("--device", default="auto", help="auto, cuda, mps or cpu")
+arg("--compare", action="store_true", help="also decode with plain AR and compare")
+arg("--show", action="store_true", help="draw each step: accepted, rejected, decided")
 
 
 def show_step(enc, d, n, y, colour):
@@ -418,15 +346,6 @@ def show_step(enc, d, n, y, colour):
     return "".join(plain.format(s) for s, _, plain in parts if s)
 
 
-def timed(decode, device):
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    result = decode()
-    sync()
-    return result, time.perf_counter() - t0
-
-
 def main(args):
     try:
         args.device = pick_device(args.device)
@@ -435,7 +354,7 @@ def main(args):
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}", 2)
-    model, enc = load_checkpoint(args.out_dir, args.device, getattr(torch, args.dtype))
+    model, enc = load_model(args.out_dir, args.device, getattr(torch, args.dtype))
     texts, prompts = read_prompts(args.prompt, enc, args.batch_size)
     k, eot, colour = args.draft_len or model.config.block_len, model.config.eot_id, sys.stdout.isatty()
     if args.max_new_tokens is None:  # what fits beside the longest prompt and the drafts' room, at most 256
@@ -450,9 +369,7 @@ def main(args):
             tidar = lambda: generate_tidar(model, batch, args.max_new_tokens, args.draft_len, beta=args.beta,
                                            rule=args.rule, **options)
             ar = lambda: generate_ar(model, batch, args.max_new_tokens, **options)
-            try:
-                # Warm up both: first calls pay for kernel selection and allocation. (On CUDA each
-                # generation records its own graph, the timed ones too: that is part of their cost.)
+            try:  # first calls pay for kernel selection and allocation: warm both up before timing
                 if args.compare and sample_idx == 0 and start == 0:
                     tidar(), ar()
                 generator.manual_seed(args.seed + sample_idx)
@@ -469,9 +386,8 @@ def main(args):
                     print("-" * 60)
                 print(text + enc.decode([t for t in out if t != eot]))
                 hist = [st["committed"].count(c) for c in range(1, k + 1)]
-                per_forward = len(out) / st["forwards"]
-                print(f"--- TiDAR: {len(out)} new tokens, {st['forwards']} forwards, {per_forward:.2f} "
-                      f"tokens/forward, steps committing 1..{k} tokens: {hist}")
+                print(f"--- TiDAR: {len(out)} new tokens, {st['forwards']} forwards, "
+                      f"{len(out) / st['forwards']:.2f} tokens/forward, steps committing 1..{k} tokens: {hist}")
             n_tokens = sum(map(len, outs))
             print(f"--- TiDAR ({args.rule}): {n_tokens} new tokens in {seconds:.2f} s, "
                   f"{n_tokens / seconds:.1f} tokens/s on {args.device}, batch of {len(batch)}")

@@ -22,7 +22,7 @@ import sys
 
 # Run from anywhere (`python experiments/ablations.py`): the modules it uses sit in the repository's root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import fail, quiet_exits  # noqa: E402
+from configurator import fail, quiet_exits, timed  # noqa: E402
 
 if __name__ == "__main__":
     sys.excepthook = quiet_exits()  # Ctrl-C, from here on, is one line; so is a closed pipe (`... | head`)
@@ -33,7 +33,8 @@ import torch.nn.functional as F  # noqa: E402
 from bench import check_fits, held_out_prompts, integers  # noqa: E402
 from data.prepare import DATA_DIR  # noqa: E402
 import sample  # noqa: E402
-from sample import generate_ar, generate_tidar, load_checkpoint, timed  # noqa: E402
+from guards import check_request, load_model  # noqa: E402
+from sample import generate_ar, generate_tidar  # noqa: E402
 from tidar import causal_mask, evaluate_batch, pick_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
@@ -140,7 +141,7 @@ def generate_speculative(target, drafter, prompt_ids, max_new_tokens, draft_len=
                          f"({config.vocab_size}): train it on the same data")
     prompts, one = sample.as_batch(prompt_ids, config.eot_id)
     for model in (target, drafter):
-        sample.check_request(model.config, prompts, max_new_tokens, temperature, top_k, k + 1, k)
+        check_request(model.config, prompts, max_new_tokens, temperature, top_k, k + 1, k)
     N = len(prompts)
     cache, last = sample.new_cache(target, prompts, max_new_tokens, k + 1)
     small, _ = sample.new_cache(drafter, prompts, max_new_tokens, k + 1)  # the drafter's own cache
@@ -388,7 +389,7 @@ def main(args):
     models, enc = {}, None
     for d in decoded + others:
         if d and d not in models:
-            models[d], enc = load_checkpoint(d, args.device)
+            models[d], enc = load_model(d, args.device)
     if not decoded:
         fail(f"--tables={args.tables}: nothing to compare; tables 2 and 4 need --block_dirs and "
              "--recipe_dirs", 2)

@@ -23,7 +23,7 @@ from contextlib import nullcontext
 
 # Run from anywhere (`python experiments/bench.py`): the modules it uses sit in the repository's root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import fail, quiet_exits  # noqa: E402
+from configurator import fail, quiet_exits, timed  # noqa: E402
 
 if __name__ == "__main__":
     sys.excepthook = quiet_exits()  # Ctrl-C, from here on, is one line; so is a closed pipe (`... | head`)
@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data.prepare import DATA_DIR  # noqa: E402
-from sample import cuda_graph, generate_ar, generate_tidar, load_checkpoint, timed  # noqa: E402
+from guards import load_model  # noqa: E402
+from sample import cuda_graph, generate_ar, generate_tidar  # noqa: E402
 from tidar import KVCache, causal_mask, pick_device, training_loss  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
@@ -278,7 +279,7 @@ def main(args):
                  "cache_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name}={getattr(args, name)}: must be at least 1", 2)
-    model, enc = load_checkpoint(args.out_dir, args.device)
+    model, enc = load_model(args.out_dir, args.device)
     config = model.config
     room = 2 * max(draft_lens)  # the last step's blocks reach 2k - 1 positions past the last token
     if args.max_new_tokens is None:
