@@ -60,11 +60,11 @@ compile = "auto"  # 'auto' (on with CUDA, where torch.compile works) | True | Fa
 seed = 1337  # >= 0; fixes the initialisation and every batch
 # With no GPU (the device resolves to cpu) a fresh run takes these values instead, except those set on the
 # command line: 3800 AR steps, then 1400 TiDAR steps, in about the time of 2800 TiDAR steps from scratch (an
-# AR step costs about 0.4 of one), for a far better AR loss and drafts as good (README, "Continual
-# pretraining"). Per step, measured on 2 cores of one AMD EPYC with torch 2.14.1: 98-115 ms (AR) and 256-266
-# ms (TiDAR); on another 2-core EPYC 340-430 and 850. Machines differ by 3x or more: the log's time left is
-# what tells. Time on the CPU goes to the doubled sequence's attention; the shape, context and learning rate
-# were chosen by short runs of equal time.
+# AR step costs about 0.4 of one), for a far better AR loss and drafts as good (RESULTS.md, "Continual
+# pretraining: what the recipe buys"). Per step, on 2 cores of one AMD EPYC with torch 2.14.1: 98-115 ms (AR)
+# and 256-266 ms (TiDAR); on another 2-core EPYC 340-430 and 850. Machines differ by 3x or more: the log's
+# time left is what tells. Time on the CPU goes to the doubled sequence's attention; the shape, context and
+# learning rate were chosen by short runs of equal time.
 cpu_preset = dict(n_layer=4, n_head=2, n_embd=128, seq_len=256, block_len=8, batch_size=6, ar_iters=3800,
                   max_iters=5200, warmup_iters=100, lr=2e-3, min_lr=2e-4, eval_interval=950, eval_iters=20)
 # -----------------------------------------------------------------------------
