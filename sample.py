@@ -386,8 +386,9 @@ def main(args):
                     print("-" * 60)
                 print(text + enc.decode([t for t in out if t != eot]))
                 hist = [st["committed"].count(c) for c in range(1, k + 1)]
-                print(f"--- TiDAR: {len(out)} new tokens, {st['forwards']} forwards, "
-                      f"{len(out) / st['forwards']:.2f} tokens/forward, steps committing 1..{k} tokens: {hist}")
+                per_forward = len(out) / st["forwards"]
+                print(f"--- TiDAR: {len(out)} new tokens, {st['forwards']} forwards, {per_forward:.2f} "
+                      f"tokens/forward, steps committing 1..{k} tokens: {hist}")
             n_tokens = sum(map(len, outs))
             print(f"--- TiDAR ({args.rule}): {n_tokens} new tokens in {seconds:.2f} s, "
                   f"{n_tokens / seconds:.1f} tokens/s on {args.device}, batch of {len(batch)}")
