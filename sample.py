@@ -26,7 +26,8 @@ from tidar import KVCache, causal_mask, decode_step_mask, decode_step_positions 
 from tidar import pick_device, place_step_mask, prefill_mask  # noqa: E402
 
 # -----------------------------------------------------------------------------
-# The decoders
+# The decoders. What they call is below them: verify and the distributions, then the plumbing (as_batch,
+# new_cache, prefill, uniforms, run: the loop that reads each step's (d, n, y) back and stops each row).
 
 
 @torch.no_grad()
@@ -74,6 +75,8 @@ def generate_tidar(model, prompt_ids, max_new_tokens, draft_len=None, temperatur
     check_request(config, prompts, max_new_tokens, temperature, top_k, 2 * k, k, beta, rule)
     N, T, paper = len(prompts), k + k * k, rule == "paper"  # N rows (the batch), T queries per step
     cache, last = new_cache(model, prompts, max_new_tokens, T)
+    # a step's 2k uniforms: u[:, :k] verify d_1 .. d_{k-1} and draw y, u[:, k:2k-1] draw the next drafts,
+    # u[:, 2k-1] the paper's rule's y
     draw = uniforms(N, 2 * k, temperature, generator, cache.device)
     rows = torch.arange(N, device=cache.device)
     mask_ids = torch.full((N, k * k), config.mask_id, device=cache.device)
@@ -90,10 +93,10 @@ def generate_tidar(model, prompt_ids, max_new_tokens, draft_len=None, temperatur
     # The step updates its state (d0, drafts, q, cache.length) in place and takes pre-drawn uniforms, so that
     # it reads and writes only tensors that stay put: then it can be captured as a CUDA graph and replayed.
     def step(u):  # u (N, 2k): the step's uniforms
-        L = cache.length  # (N,), the cache's own tensor: read it before the commit in 4 changes it
+        L = cache.length  # (N,): the cache's own tensor, not a copy; all that reads it comes before 4
         # 1. Draft and pre-draft in one forward: d_0 .. d_{k-1} at L .. L+k-1 (causal), then blocks 1 .. k;
         #    block b (positions L+b .. L+b+k-1) sees the cache and d_0 .. d_{b-1}: it is the pre-draft for
-        #    "d_0 .. d_{b-1} accepted". All T tokens' K/V are written to the cache past its committed length.
+        #    "d_0 .. d_{b-1} committed". All T tokens' K/V are written to the cache past its committed length.
         d = torch.cat([d0[:, None], drafts], dim=1)  # (N, k)
         # The paper's mask trick (README, "Decoding: one forward per step"): own, built once, placed after
         # each row's L cache entries.
@@ -141,7 +144,8 @@ def generate_tidar(model, prompt_ids, max_new_tokens, draft_len=None, temperatur
 def verify(p, q, drafts, u):
     """
     Steps 2 and 3, for every row at once. p (N, D+1, V): row j is the target distribution of the position
-    after d_j. drafts (N, D) = d_1 .. d_D, drawn from q (N, D, V); u (N, D+1) uniforms in [0, 1).
+    after d_j (the README's p_{j+1}). drafts (N, D) = d_1 .. d_D, drawn from q (N, D, V) (so q[:, j] is the
+    README's q_{j+1}); u (N, D+1) uniforms in [0, 1).
     d_j is accepted when u < min(1, p/q), and n is the length of the leading run of acceptances; y, at the
     position after d_n, is drawn from normalize(max(0, p - q)) after a rejection, or from p itself when all
     were accepted (the bonus token: there is no q there, the same formula with q = 0). Returns (n, y), (N,)
@@ -176,7 +180,8 @@ def probabilities(logits, temperature, top_k):
         one_hot = torch.zeros_like(logits, dtype=torch.float32)
         return one_hot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
     logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # <= 0: no overflow, even for tiny T
+    # <= 0 before dividing: no overflow, even for a tiny temperature
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -258,8 +263,9 @@ def trim(out, eot_id, max_new_tokens):
 def run(step, d0, draw, max_new_tokens, eot_id, capture):
     """
     The loop around a decoder's step: draw the step's random numbers, step, and read back what the host
-    needs: the tokens fed d (N, k or k+1), the accepted count n and the decided y. Each live row gets
-    d_1 .. d_n, y, and stops at <|endoftext|> or max_new_tokens. Returns per row its new tokens and the
+    needs: the tokens fed d (N, 1) for AR, (N, k) for TiDAR, (N, k+1) for speculative decoding, the accepted
+    count n and the decided y. Each live row gets d_1 .. d_n, y (d_0 is already out: it was the last step's
+    y), and stops at <|endoftext|> or max_new_tokens. Returns per row its new tokens and the
     trace [(d, n, y)] of its steps.
     """
     out, done = map(list, zip(*(trim([t], eot_id, max_new_tokens) for t in d0.tolist())))  # the prefill's d_0
@@ -378,7 +384,7 @@ def main(args):
                 fail(str(e), 2)
             for text, out, st in zip(batch_texts, outs, stats):
                 if args.show:
-                    print(f"each step: d_0 (bold), accepted drafts (green{'' if colour else ' as is'}), "
+                    print(f"each step: d_0 (bold), accepted drafts (green{'' if colour else ', unmarked'}), "
                           f"rejected drafts ({'red' if colour else '[-...-]'}), the decided next token "
                           f"({'yellow' if colour else '{+...+}'})")
                     for s, (d, n, y) in enumerate(st["trace"], 1):

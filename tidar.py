@@ -29,7 +29,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 257  # the tokenizer's vocabulary (train.py reads it from the dataset); [MASK]: one more
+    vocab_size: int = 257  # the byte tokenizer's; train.py reads the dataset's (261 for code); [MASK]: +1
     eot_id: int = 256  # <|endoftext|>: decoding stops there
     seq_len: int = 1024  # S, the context: training length of the clean half, and the largest position + 1
     block_len: int = 16  # B, the mask block length used in training; the default draft length k
@@ -55,7 +55,7 @@ def apply_rope(x, cos, sin):
     # the distance between positions, so a mask at offset r of its block sees the same picture whether the
     # block starts at a multiple of B (training) or anywhere (decoding). Position ids are explicit because
     # the masks of the doubled sequence repeat the positions of the clean half.
-    # Each pair (x1_i, x2_i) turns by its angle: (x1 cos - x2 sin, x2 cos + x1 sin), in five kernels.
+    # Each pair (x1_i, x2_i) turns by its angle: (x1 cos - x2 sin, x2 cos + x1 sin).
     x1, x2 = x.chunk(2, dim=-1)  # (..., T, hs/2) each
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs), or (N, 1, T, hs) with a position per row
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -249,7 +249,7 @@ def decode_step_mask(L, k, n_keys=None, device=None):
               0 | 1 2 | 2 3 | 3 4
         d 1   # | # . | . . | . .
         d 2   # | # # | . . | . .
-        b1 2  # | # . | # # | . .      block 1 bets on "d_0 accepted", block 2 on "d_0 d_1 accepted"
+        b1 2  # | # . | # # | . .      block 1 bets on "d_0 committed", block 2 on "d_0 d_1 committed"
         b1 3  # | # . | # # | . .
         b2 3  # | # # | . . | # #
         b2 4  # | # # | . . | # #

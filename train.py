@@ -199,10 +199,10 @@ groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, 
 optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device_type == "cuda")
 iter_num, best_val_loss = 0, float("inf")
 if ckpt is not None:
-    # From an AR model, the [MASK] row of the embedding starts as that checkpoint holds it: its random
-    # initialisation, shrunk by weight decay, as AR training never feeds a [MASK] and never gave it a
-    # gradient. A small random vector is how every other row started; the diffusion loss trains it from the
-    # first step.
+    # Starting from another run's AR model, the [MASK] row of the embedding is what that checkpoint holds:
+    # its random initialisation, shrunk by weight decay, as AR training never feeds a [MASK] and never gave
+    # it a gradient. A small random vector is how every other row started; the diffusion loss trains it from
+    # the first step.
     guards.load_checkpoint(ckpt, ckpt_path if resume else source, raw_model, optimizer, tokenizer, resume)
     if resume:
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
@@ -211,7 +211,7 @@ n_params = sum(p.numel() for p in raw_model.parameters())
 if master:
     guards.check_disk_space(out_dir, n_params)
 if compile:
-    model = torch.compile(model, dynamic=False)  # evaluation's doubled length gets a graph of its own
+    model = torch.compile(model, dynamic=False)  # S (the AR stage) and 2S tokens: each shape compiles once
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
@@ -223,7 +223,8 @@ def evaluate():
     for i in range(eval_iters):
         x, y = get_batch("val", i)
         with autocast:
-            a, d, h = evaluate_batch(model, model_config, x, y, flex)  # the AR baseline's diffusion half too
+            # an AR model's untrained diffusion half is reported too, as a reference
+            a, d, h = evaluate_batch(model, model_config, x, y, flex)
         ar, diff, hits = ar + a, diff + d, hits + h
     return ar / eval_iters, diff / eval_iters, hits / eval_iters
 

@@ -239,7 +239,7 @@ def test_decode_blocks_equal_fresh_prefills(tiny):
     cache.length.fill_(5)
     idx = torch.tensor([d + [m] * k * k])
     step = tiny(idx, decode_step_positions(cache.length, k), decode_step_mask(cache.length, k, 32), cache)[0]
-    for b in range(1, k + 1):  # block b: the pre-draft for "d_0 .. d_{b-1} accepted"
+    for b in range(1, k + 1):  # block b: the pre-draft for "d_0 .. d_{b-1} committed"
         seen = prompt + d[:b]
         x = torch.tensor([seen + [m] * k])
         fresh = tiny(x, torch.arange(len(seen) + k), prefill_mask(len(seen), k))[0]
@@ -304,12 +304,13 @@ def test_every_step_is_one_exact_cached_forward(tiny, batch):
             L = int(length[b])
             assert L == len(prompt) + sum(st["committed"][:s])
             ref_k, ref_v = fresh_kv(tiny, truth[:L])
-            torch.testing.assert_close(K[:, b, :, :L], ref_k, rtol=0, atol=1e-12)  # 6
+            # rollback is exact: the cache holds exactly the committed tokens' K/V
+            torch.testing.assert_close(K[:, b, :, :L], ref_k, rtol=0, atol=1e-12)
             torch.testing.assert_close(V[:, b, :, :L], ref_v, rtol=0, atol=1e-12)
             d = idx[b, :k].tolist()
             assert d[0] == truth[L]  # d_0 was decided right
             uncached = tiny(torch.tensor([truth[:L] + d]), torch.arange(L + k), causal_mask(L + k))[0]
-            torch.testing.assert_close(logits[b, :k], uncached[L:], rtol=0, atol=1e-12)  # 5
+            torch.testing.assert_close(logits[b, :k], uncached[L:], rtol=0, atol=1e-12)  # cached = uncached
 
 
 @pytest.mark.parametrize("decoder", ["ar", "tidar", "speculative"])

@@ -185,9 +185,9 @@ def test_rollback_is_exact(tiny, n):
     assert cache.length.item() == ref.length.item() == L
     torch.testing.assert_close(cache.keys[:, :, :, :L], ref.keys[:, :, :, :L], rtol=0, atol=1e-12)
     torch.testing.assert_close(cache.values[:, :, :, :L], ref.values[:, :, :, :L], rtol=0, atol=1e-12)
-    # the next step sees nothing of what was rolled back (drafts, or the [MASK] rows left in the buffer)
-    # scratch rows are there
+    # scratch entries are there (drafts, or the [MASK] K/V left in the buffer) ...
     assert not torch.equal(cache.keys[:, :, :, L : L + 4], ref.keys[:, :, :, L : L + 4])
+    # ... and the next step sees nothing of what was rolled back
     nxt = [3, 1, 4, 1]
     torch.testing.assert_close(decode_step(tiny, cache, nxt), decode_step(tiny, ref, nxt), rtol=0, atol=1e-12)
 
