@@ -32,10 +32,13 @@ export PYTHONUNBUFFERED=1
 # The first of python, python3 that has what the project needs (a GPU machine's python may be another), and
 # in the same start (torch takes seconds to import) what the summary names: torch's version, the device,
 # and pytest's own sources, Python that is in no default corpus.
-probe="import os, numpy, tiktoken, torch, _pytest
+probe="import os, numpy, tiktoken, torch, pytest, _pytest
 print(torch.__version__)
 print(os.path.dirname(_pytest.__file__))
-print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+try:
+    print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')
+except Exception as e:  # a GPU that cannot be named is still a GPU: the phases say what fails
+    print(f'cuda ({type(e).__name__})')"
 PY=""
 for candidate in python python3; do
     if command -v "$candidate" > /dev/null && found=$("$candidate" -c "$probe" 2> /dev/null); then

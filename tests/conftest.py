@@ -1,5 +1,6 @@
 import atexit
 import faulthandler
+import logging
 import os
 import runpy
 import signal
@@ -8,12 +9,14 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import asdict
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRESH_PATH = list(sys.path)  # for run_script's children: sys.path before the tests add the project's folders
 sys.path.insert(0, ROOT)
 
 from tidar import GPT, GPTConfig  # noqa: E402
@@ -83,7 +86,9 @@ def run_script(script, *args, prelude="", env=None, cwd=ROOT, timeout=300):
     `python script *args` from cwd, as subprocess.run(..., capture_output=True, text=True) returns it, but in
     a child forked from pytest (torch imported: milliseconds, not seconds). script: from the repository's root
     or absolute; prelude: code run in the child first, to patch it alone; env: os.environ updates. The child
-    shares this process's imported modules and torch's one thread: torchrun or a real pipe need subprocess.
+    imports the project's modules afresh, from a fresh sys.path, and prints warnings as python does; it keeps
+    torch's one thread. torchrun or a real pipe need subprocess; so does a pytest that has set up CUDA (a
+    forked child cannot use it): then this runs a real interpreter.
     """
     return start_script(script, *args, prelude=prelude, env=env, cwd=cwd).wait(timeout)
 
@@ -93,6 +98,12 @@ def start_script(script, *args, prelude="", env=None, cwd=ROOT):
     # what a first torch.optim optimizer imports (2 s): once here, not in each child
     import torch._dynamo  # noqa: F401
 
+    if torch.cuda.is_initialized():  # on a GPU, after a CUDA test: a real interpreter
+        launch = f"{prelude}\nimport runpy, sys\nsys.argv = sys.argv[1:]\n" \
+                 "runpy.run_path(sys.argv[0], run_name='__main__')"
+        return Interpreter([sys.executable, "-c", launch, os.path.join(ROOT, script), *args], cwd=cwd,
+                           env={**os.environ, **(env or {})}, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -123,10 +134,27 @@ def _run_in_child(path, argv, prelude, env, cwd, out, err):
     os.environ.update(env or {})
     os.chdir(cwd)
     sys.argv = argv
-    sys.path.insert(0, os.path.dirname(os.path.realpath(path)))
+    project = {ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "experiments")}
+    fresh = [p for p in FRESH_PATH if p and os.path.realpath(p) not in project]  # as `python path` starts
+    sys.path[:] = [os.path.dirname(os.path.realpath(path))] + fresh
+    for name, module in list(sys.modules.items()):  # the project's modules, imported again by the script
+        folder = os.path.dirname(os.path.realpath(getattr(module, "__file__", None) or "/"))
+        if folder in project | {os.path.join(ROOT, "data")}:
+            del sys.modules[name]
+    # warnings printed to stderr, under python's default filters (pytest records them, and shows more)
+    warnings.resetwarnings()
+    for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    warnings.showwarning = warnings._showwarning_orig
+    warnings._showwarnmsg_impl = lambda msg: sys.stderr.write(warnings._formatwarnmsg(msg))
+    logging.root.handlers = [h for h in logging.root.handlers if not type(h).__module__.startswith("_pytest")]
+    logging.root.setLevel(logging.WARNING)
     interrupted = False
     try:
+        sys.path.insert(0, ROOT)  # for the prelude, which may patch the project's modules before the script
         exec(prelude, {"__name__": "__prelude__"})
+        sys.path.remove(ROOT)
         runpy.run_path(path, run_name="__main__")
         code = 0
     except SystemExit as e:  # None: 0; a number: itself; anything else is printed, and 1
@@ -151,6 +179,16 @@ def _run_in_child(path, argv, prelude, env, cwd, out, err):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     return code & 0xFF
+
+
+class Interpreter(subprocess.Popen):
+    """start_script's real interpreter: pid, poll(), and wait(timeout) -> CompletedProcess, as Script's."""
+
+    def wait(self, timeout=None):
+        if self.stdout is None or self.stdout.closed:  # (communicate() itself waits through here)
+            return super().wait(timeout)
+        out, err = self.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(self.args[3:], self.returncode, out, err)
 
 
 class Script:

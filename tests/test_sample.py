@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -615,20 +616,23 @@ def replays_equal_eager(model, graphs=None):
     """
     device = next(model.parameters()).device
     drafter = GPT(replace(model.config, n_layer=1)).double().to(device).eval()
-    decoders = [lambda **kw: generate_ar(model, PROMPTS, 12, **kw),
-                lambda **kw: generate_ar(model, PROMPTS, 12, temperature=1.0, **kw),
-                lambda **kw: generate_tidar(model, PROMPTS, 12, draft_len=3, **kw),
-                lambda **kw: generate_tidar(model, PROMPTS, 12, draft_len=3, temperature=1.0, top_k=4, **kw),
-                lambda **kw: generate_tidar(model, PROMPTS, 12, draft_len=2, beta=0.5, rule="paper", **kw),
-                lambda **kw: generate_speculative(model, drafter, PROMPTS, 12, draft_len=3, temperature=0.9,
-                                                  **kw)]
-    for decode in decoders:
-        eager = decode(capture=False, generator=torch.Generator(device).manual_seed(0))
-        before = len(graphs or [])
-        captured = decode(capture=True, generator=torch.Generator(device).manual_seed(0))
-        assert captured == eager
-        if graphs is not None:
-            assert len(graphs) == before + 1 and graphs[-1].replays >= 2
+    decoders = [lambda p, **kw: generate_ar(model, p, 12, **kw),
+                lambda p, **kw: generate_ar(model, p, 12, temperature=1.0, **kw),
+                lambda p, **kw: generate_tidar(model, p, 12, draft_len=3, **kw),
+                lambda p, **kw: generate_tidar(model, p, 12, draft_len=3, temperature=1.0, top_k=4, **kw),
+                lambda p, **kw: generate_tidar(model, p, 12, draft_len=3, temperature=0.7, top_k=4, **kw),
+                lambda p, **kw: generate_tidar(model, p, 12, draft_len=2, beta=0.5, rule="paper", **kw),
+                lambda p, **kw: generate_speculative(model, drafter, p, 12, draft_len=3, temperature=0.9, **kw)]
+    for prompts in (PROMPTS, [[7, 7], [9, 3, 1], [2, 2, 2, 2, 2, 8, 5]]):
+        for decode in decoders:
+            eager = decode(prompts, capture=False, generator=torch.Generator(device).manual_seed(0))
+            before = len(graphs or [])
+            captured = decode(prompts, capture=True, generator=torch.Generator(device).manual_seed(0))
+            assert captured == eager
+            if graphs is not None:
+                assert len(graphs) == before + 1 and graphs[-1].replays >= 2
+    with torch.inference_mode():  # a generation inside inference mode records and replays its own graph too
+        assert decoders[2](PROMPTS, capture=True) == decoders[2](PROMPTS, capture=False)
 
 
 def test_replayed_steps_equal_eager_steps(tiny, cpu_graphs):
@@ -677,10 +681,12 @@ def test_ar_checks_its_context_too(tiny):
 
 
 def test_cli_end_to_end(tmp_path):
+    """sample.py as a user starts it, in an interpreter of its own (the other command-line tests fork pytest)."""
     write_checkpoint(tmp_path)
     (tmp_path / "prompt.txt").write_text("def fibonacci(n):\n")
     args = ["--out_dir", str(tmp_path), "--prompt", f"FILE:{tmp_path / 'prompt.txt'}"]
-    run = run_script("sample.py", *args, "--max_new_tokens", "20", "--compare", "--show", "--device", "cpu")
+    run = subprocess.run([sys.executable, "sample.py", *args, "--max_new_tokens", "20", "--compare", "--show",
+                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("step   1 | ") == 1 and "{+" in run.stdout  # --show, plain text when piped
     assert "def fibonacci(n):\n" in run.stdout
