@@ -622,7 +622,8 @@ def replays_equal_eager(model, graphs=None):
                 lambda p, **kw: generate_tidar(model, p, 12, draft_len=3, temperature=1.0, top_k=4, **kw),
                 lambda p, **kw: generate_tidar(model, p, 12, draft_len=3, temperature=0.7, top_k=4, **kw),
                 lambda p, **kw: generate_tidar(model, p, 12, draft_len=2, beta=0.5, rule="paper", **kw),
-                lambda p, **kw: generate_speculative(model, drafter, p, 12, draft_len=3, temperature=0.9, **kw)]
+                lambda p, **kw: generate_speculative(model, drafter, p, 12, draft_len=3, temperature=0.9,
+                                                     **kw)]
     for prompts in (PROMPTS, [[7, 7], [9, 3, 1], [2, 2, 2, 2, 2, 8, 5]]):
         for decode in decoders:
             eager = decode(prompts, capture=False, generator=torch.Generator(device).manual_seed(0))
@@ -681,7 +682,7 @@ def test_ar_checks_its_context_too(tiny):
 
 
 def test_cli_end_to_end(tmp_path):
-    """sample.py as a user starts it, in an interpreter of its own (the other command-line tests fork pytest)."""
+    """sample.py as a user starts it, in an interpreter of its own (the other CLI tests fork pytest)."""
     write_checkpoint(tmp_path)
     (tmp_path / "prompt.txt").write_text("def fibonacci(n):\n")
     args = ["--out_dir", str(tmp_path), "--prompt", f"FILE:{tmp_path / 'prompt.txt'}"]
