@@ -2,7 +2,8 @@
 What keeps a train.py run from failing late or losing work, each piece one call in train.py, so that the
 training itself reads top to bottom there; and, for sample.py and experiments/, the checks of a decoding
 request and of the checkpoint it decodes. Every check stops the run with one line on stderr (configurator's
-fail): exit status 2 for a usage error found before anything ran, 1 otherwise, 130 for Ctrl-C.
+fail): exit status 2 for a usage error found before anything ran, 1 otherwise, 130 for Ctrl-C; except
+check_request, which raises ValueError, since the decoders it guards are library functions.
 
     check_values, check_agreement                         the settings, alone and together
     resume_checkpoint, source_checkpoint, check_unfinished,
