@@ -11,9 +11,12 @@ can run, each table printed beside the paper's numbers. Greedy, batch 1, held-ou
   5. the drafts' target: how often each offset's draft is the AR model's own greedy token, for the one-step
      diffusion's drafts and for the argmax of the AR model's own marginal at that offset (what the diffusion
      loss trains toward, as the AR model estimates it), and the tokens per forward each would give
+  6. the masks' target in training, beyond the paper: the data's tokens, or the model's own greedy rollouts
+     (train.py --rollout), compared from the same AR start at equal time, greedy and sampled
 
     python experiments/ablations.py --out_dir=out --block_dirs=out-b4,out,out-b16 --drafter_dir=out-drafter
     python experiments/ablations.py --tables=4 --recipe_dirs=out-scratch,out,out-a03 --ar_dir=out-ar
+    python experiments/ablations.py --tables=6 --target_dirs=out,out-rollout
 RESULTS.md's section trains the models it needs with train.py.
 """
 import argparse
@@ -38,13 +41,16 @@ from sample import generate_ar, generate_tidar  # noqa: E402
 from tidar import causal_mask, evaluate_batch, pick_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-parser.add_argument("--tables", default="1,2,3,4,5", help="comma-separated: which tables to print (2, 3 "
-                    "and 4 need the checkpoints named below)")
+parser.add_argument("--tables", default="1,2,3,4,5,6", help="comma-separated: which tables to print (2, 3, "
+                    "4 and 6 need the checkpoints named below)")
 parser.add_argument("--out_dir", default="out", help="the TiDAR checkpoint of tables 1, 3 and 5")
 parser.add_argument("--block_dirs", default="", help="comma-separated TiDAR checkpoints trained with other B")
 parser.add_argument("--drafter_dir", default="", help="a small AR checkpoint (--objective=ar), the same data")
 parser.add_argument("--recipe_dirs", default="", help="comma-separated TiDAR checkpoints made different ways "
                     "(table 4): from scratch, from an AR model (train.py --init_from), other settings")
+parser.add_argument("--target_dirs", default="", help="comma-separated TiDAR checkpoints trained toward "
+                    "other targets from the same start (table 6): train.py --init_from=resume --rollout=...")
+parser.add_argument("--temperature", type=float, default=0.8, help="table 6's sampled decoding")
 parser.add_argument("--ar_dir", default="", help="the AR baseline whose val AR loss table 4 prints beside")
 parser.add_argument("--prompts", default="val", help="'val' (the val split of --data_dir), a text file, or a "
                     "folder of .py files, as in bench.py")
@@ -216,37 +222,44 @@ def recipe(out_dir):
     return (f"{name[start['objective']]} {start['iter_num']} + " if start else "") + steps, config
 
 
+def val_losses(model, data_dir, n_windows, device):
+    """Val AR loss, diffusion loss and draft accuracy by offset (B,), on n_windows windows spread evenly over
+    the val split (the same for every model)."""
+    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    S = model.config.seq_len
+    starts = np.linspace(0, len(val) - S - 1, n_windows).astype(np.int64)
+    windows = torch.from_numpy(np.stack([val[i : i + S + 1] for i in starts]).astype(np.int64)).to(device)
+    ar = diff = 0.0
+    hits = torch.zeros(model.config.block_len)
+    for x in windows.split(8):
+        a, d, h = evaluate_batch(model, model.config, x[:, :-1], x[:, 1:])
+        ar, diff, hits = ar + a * len(x), diff + d * len(x), hits + h * len(x)
+    return ar / n_windows, diff / n_windows, hits / n_windows
+
+
 def table_recipes(recipe_dirs, ar_dir, models, draft_lens, prompts, max_new_tokens, data_dir, n_windows,
                   device):
     print(f"\n4. how the model is made: val losses on {n_windows} val windows; tokens per forward and speed "
           "against AR (the same model) on the prompts")
-    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
     print(f"{'checkpoint':>16} {'steps':>17} {'alpha':>5} {'B':>3} {'lr':>7} {'val AR':>7} {'diff':>6}"
           + "".join(f" {'k=' + str(k):>12}" for k in draft_lens))
     accuracy = {}
     for out_dir in recipe_dirs + ([ar_dir] if ar_dir else []):
         model, name = models[out_dir], os.path.basename(os.path.normpath(out_dir))
         steps, config = recipe(out_dir)
-        S = model.config.seq_len
-        starts = np.linspace(0, len(val) - S - 1, n_windows).astype(np.int64)
-        windows = torch.from_numpy(np.stack([val[i : i + S + 1] for i in starts]).astype(np.int64)).to(device)
-        ar = diff = 0.0
-        hits = torch.zeros(model.config.block_len)
-        for x in windows.split(8):
-            a, d, h = evaluate_batch(model, model.config, x[:, :-1], x[:, 1:])
-            ar, diff, hits = ar + a * len(x), diff + d * len(x), hits + h * len(x)
+        ar, diff, hits = val_losses(model, data_dir, n_windows, device)
         cells = ""
         if out_dir != ar_dir:
-            accuracy[name] = " ".join(f"{100 * a:.0f}" for a in (hits / n_windows).tolist())
+            accuracy[name] = " ".join(f"{100 * a:.0f}" for a in hits.tolist())
             ar_decode = lambda p: (generate_ar(model, p, max_new_tokens), None)
             n, f, s, ar_out, _ = measure(ar_decode, prompts, device)
             for k in draft_lens:
                 decode = lambda p: generate_tidar(model, p, max_new_tokens, k)
                 n_k, f_k, s_k, outs, _ = measure(decode, prompts, device)
                 cells += f" {n_k / f_k:5.2f} {(n_k / s_k) / (n / s):5.2f}x" + ("" if outs == ar_out else "!")
-        diff = f"{diff / n_windows:6.3f}" if out_dir != ar_dir else "-"
+        diff = f"{diff:6.3f}" if out_dir != ar_dir else "-"
         print(f"{name:>16} {steps:>17} {config['alpha']:5.2g} {model.config.block_len:3d} "
-              f"{config['lr']:7.1e} {ar / n_windows:7.3f} {diff:>6}{cells}")
+              f"{config['lr']:7.1e} {ar:7.3f} {diff:>6}{cells}")
     print("(per k: tokens per forward, then tokens/s against AR; '!' marks outputs that differ from AR's)")
     for name, acc in accuracy.items():
         print(f"draft accuracy % by offset, {name}: {acc}")
@@ -330,6 +343,13 @@ def marginal_drafts(model, seq, starts, k, beam=64):
     return drafts, held
 
 
+def agreement(seq, P, drafts, k):
+    """(k-1,): at each offset j = 1 .. k-1, how many of the blocks after seq[:t], t >= P, drafted seq[t + j],
+    the greedy token there (seq[P:] is the AR model's greedy text)."""
+    return np.sum([[t + j < len(seq) and drafts[t][j] == seq[t + j] for j in range(1, k)]
+                   for t in range(P, len(seq))], 0)
+
+
 def forwards_needed(seq, P, drafts, k):
     """
     Lossless greedy TiDAR's forwards to commit seq[P:], the AR model's greedy text, with the drafts given: the
@@ -358,8 +378,7 @@ def table_target(model, k, prompts, max_new_tokens):
         tokens += len(seq) - len(p)
         positions += [len(seq) - len(p) - j for j in range(1, k)]  # offset j has a token to match at these
         for name, drafts in (("diffusion", diffusion_drafts(model, seq, starts, k)), ("AR marginals", ideal)):
-            hits = [[t + j < len(seq) and drafts[t][j] == seq[t + j] for j in range(1, k)] for t in starts]
-            agree[name] = agree.get(name, 0) + np.sum(hits, 0)
+            agree[name] = agree.get(name, 0) + agreement(seq, len(p), drafts, k)
             forwards[name] = forwards.get(name, 0) + forwards_needed(seq, len(p), drafts, k)
     decoded = sum(generate_tidar(model, p, max_new_tokens, k)[1]["forwards"] for p in prompts)
     print(f"{'drafts':>13}" + "".join(f" {'offset ' + str(j):>9}" for j in range(1, k)) + f" {'tok/fwd':>8}")
@@ -368,6 +387,45 @@ def table_target(model, k, prompts, max_new_tokens):
               + f" {tokens / forwards[name]:8.2f}")
     print(f"(the beam held {', '.join(f'{h:.0%}' for h in np.mean(held, 0))} of the probability at offsets "
           f"1 .. {k - 1}; generate_tidar itself: {tokens / decoded:.2f} tokens per forward)")
+
+
+def table_targets(target_dirs, models, draft_lens, prompts, max_new_tokens, data_dir, n_windows, temperature,
+                  device):
+    k = max(draft_lens)
+    print(f"\n6. the masks' target (train.py --rollout: the data's tokens, the model's own greedy rollouts, "
+          f"or a mix): val AR loss on {n_windows} val windows; tokens per forward and speed against AR (the "
+          f"same model, decoded the same way) on the prompts, greedy and sampled at T = {temperature}")
+    print(f"{'checkpoint':>16} {'steps':>22} {'rollout':>7} {'val AR':>7} {'T':>4}"
+          + "".join(f" {'k=' + str(k):>12}" for k in draft_lens))
+    agree = {}
+    for out_dir in target_dirs:
+        model, name = models[out_dir], os.path.basename(os.path.normpath(out_dir))
+        steps, config = recipe(out_dir)
+        ar = val_losses(model, data_dir, n_windows, device)[0]
+        for temp in (0.0, temperature):  # a fresh generator per prompt: every run draws the same uniforms
+            seeded = lambda: torch.Generator(device).manual_seed(0)
+            ar_decode = lambda p: (generate_ar(model, p, max_new_tokens, temp, generator=seeded()), None)
+            n, f, s, ar_out, _ = measure(ar_decode, prompts, device)
+            if not temp:
+                greedy = ar_out
+            cells = ""
+            for j in draft_lens:
+                decode = lambda p: generate_tidar(model, p, max_new_tokens, j, temp, generator=seeded())
+                n_j, f_j, s_j, outs, _ = measure(decode, prompts, device)
+                lossless = temp or outs == ar_out
+                cells += f" {n_j / f_j:5.2f} {(n_j / s_j) / (n / s):5.2f}x" + ("" if lossless else "!")
+            print(f"{name:>16} {steps:>22} {config.get('rollout', 0.0):7.2g} {ar:7.3f} {temp:4.2g}{cells}")
+        hits = positions = 0  # table 5's agreement, on the greedy texts
+        for p, out in zip(prompts, greedy):
+            seq = p + out
+            hits = hits + agreement(seq, len(p), diffusion_drafts(model, seq, range(len(p), len(seq)), k), k)
+            positions = positions + np.array([len(out) - j for j in range(1, k)])
+        agree[name] = " ".join(f"{h:.0%}" for h in hits / positions)
+    print("(per k: tokens per forward, then tokens/s against AR; '!' marks greedy outputs that differ from "
+          "AR's)")
+    for name, a in agree.items():
+        print(f"drafts that are the greedy token, by offset 1 .. {k - 1}, {name}: {a}")
+
 
 
 def main(args):
@@ -381,18 +439,19 @@ def main(args):
     for name in ("num_prompts", "prompt_len", "max_new_tokens", "val_windows"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name}={getattr(args, name)}: must be at least 1", 2)
-    block_dirs, recipe_dirs = ([d for d in ds.split(",") if d] for ds in (args.block_dirs, args.recipe_dirs))
-    # the TiDAR models each table decodes: 1, 3 and 5 the one in out_dir, 2 block_dirs', 4 recipe_dirs'
+    block_dirs, recipe_dirs, target_dirs = ([d for d in ds.split(",") if d] for ds in (
+        args.block_dirs, args.recipe_dirs, args.target_dirs))
+    # the TiDAR models each table decodes: 1, 3, 5 the one in out_dir; 2, 4, 6 block_, recipe_, target_dirs'
     decoded = [args.out_dir] * bool(tables & {1, 3, 5}) + block_dirs * (2 in tables)
-    decoded += recipe_dirs * (4 in tables)
+    decoded += recipe_dirs * (4 in tables) + target_dirs * (6 in tables)
     others = [args.drafter_dir] * (3 in tables) + [args.ar_dir] * (4 in tables and bool(recipe_dirs))
     models, enc = {}, None
     for d in decoded + others:
         if d and d not in models:
             models[d], enc = load_model(d, args.device)
     if not decoded:
-        fail(f"--tables={args.tables}: nothing to compare; tables 2 and 4 need --block_dirs and "
-             "--recipe_dirs", 2)
+        fail(f"--tables={args.tables}: nothing to compare; tables 2, 4 and 6 need --block_dirs, "
+             "--recipe_dirs and --target_dirs", 2)
     tidar_models = [models[d] for d in decoded]
     drafter = models.get(args.drafter_dir) if 3 in tables and args.drafter_dir else None
     room = 2 * max(draft_lens + [m.config.block_len for m in tidar_models])
@@ -427,6 +486,9 @@ def main(args):
                       args.data_dir, args.val_windows, args.device)
     if 5 in tables:
         table_target(models[args.out_dir], min(draft_lens), prompts, args.max_new_tokens)
+    if 6 in tables and target_dirs:
+        table_targets(target_dirs, models, draft_lens, prompts, args.max_new_tokens, args.data_dir,
+                      args.val_windows, args.temperature, args.device)
 
 
 if __name__ == "__main__":

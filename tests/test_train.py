@@ -290,6 +290,24 @@ def test_resume_continues_the_iteration_count(trained, tmp_path):
     assert ckpt["optimizer"]["state"][0]["step"] == 60  # AdamW's bias correction continues too
 
 
+def test_rollout_targets_change_the_diffusion_term_only_when_asked(trained, tmp_path):
+    """--rollout=1 (beyond the paper): the same resumed steps train the masks toward the model's own greedy
+    rollouts, so the diffusion term differs from the data target's from the first step; the checkpoint
+    records the setting. --rollout=0, the default, is the paper's (tests/test_tidar.py: bit for bit)."""
+    _, out_dir, _ = trained
+    runs = {}
+    for mix in ("0", "1"):
+        shutil.copytree(out_dir, tmp_path / mix)
+        runs[mix] = start_script("train.py", f"--out_dir={tmp_path / mix}", "--init_from=resume",
+                                 "--max_iters=50", "--log_interval=1", f"--rollout={mix}")
+    logs = {mix: r.wait() for mix, r in runs.items()}
+    assert all(r.returncode == 0 for r in logs.values()), logs["1"].stderr
+    first = {mix: re.search(r"iter 41: loss [\d.]+ \(ar ([\d.]+), diff ([\d.]+)\)", r.stdout).groups()
+             for mix, r in logs.items()}
+    assert first["0"][0] == first["1"][0] and first["0"][1] != first["1"][1]  # the same AR term, at first
+    assert torch.load(tmp_path / "1" / "ckpt.pt", weights_only=True)["train_config"]["rollout"] == 1.0
+
+
 def test_ar_baseline_trains_on_the_same_data(trained, tmp_path):
     data_dir, _, _ = trained
     r = train(f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--objective=ar", "--max_iters=20",
@@ -563,6 +581,7 @@ BAD_INPUTS = [  # (case, settings, message, exit status)
     ("--warmup_iters=-10", ["--warmup_iters=-10"], "--warmup_iters=-10: must be >= 0", 2),
     ("min_lr above lr", ["--min_lr=0.1"], "--min_lr=0.1 is above --lr=0.003", 2),
     ("beta2=1", ["--beta2=1.0"], "--beta2=1.0: must be in [0, 1)", 2),
+    ("rollout=2", ["--rollout=2"], "--rollout=2.0: must be in [0, 1]", 2),
     ("unknown setting", ["--n_layers=2"], "unknown setting '--n_layers=2' (did you mean --n_layer?)", 2),
     ("value after a space", ["--out_dir", "out"], "--out_dir needs its value after '=', as in --out_dir=", 2),
     ("wrong type", ["--batch_size=2.5"], "--batch_size=2.5: expected int", 2),
