@@ -47,8 +47,6 @@ def check_values(s):
     for k in ("beta1", "beta2"):
         if not 0 <= s[k] < 1:
             fail(f"--{k}={s[k]}: must be in [0, 1)", 2)
-    if not 0 <= s["rollout"] <= 1:
-        fail(f"--rollout={s['rollout']}: must be in [0, 1]", 2)
 
 
 def check_agreement(min_lr, lr, seq_len, block_len, objective, ar_iters, max_iters, n_embd, n_head, **_):

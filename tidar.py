@@ -306,76 +306,30 @@ def ar_inputs(x, flex=False):
     return x, torch.arange(S, device=x.device), mask
 
 
-def tidar_loss(logits, x, y, alpha=1.0, rollouts=None, mix=0.0):
+def tidar_loss(logits, x, y, alpha=1.0):
     """
     logits (N, 2S, V) of the doubled forward, x (N, S) clean tokens, y (N, S) = x shifted by one.
     Clean position i is scored against x_{i+1} (AR), mask position i against x_i itself (diffusion,
     labels not shifted; every mask is [MASK], no corruption ratio). Returns (loss, ar_loss, diff_loss).
-    Beyond the paper: with mix > 0 the diffusion term is (1 - mix) * that + mix * the same cross-entropy
-    against rollouts (N, S), the model's own greedy continuations (rollout_labels); mix = 0 is the paper's.
     """
     S, V = x.size(1), logits.size(-1)
     ar = F.cross_entropy(logits[:, :S].reshape(-1, V), y.reshape(-1))
     diff = F.cross_entropy(logits[:, S:].reshape(-1, V), x.reshape(-1))
-    if mix > 0:
-        diff = (1 - mix) * diff + mix * F.cross_entropy(logits[:, S:].reshape(-1, V), rollouts.reshape(-1))
     return (alpha * ar + diff) / (1 + alpha), ar, diff
 
 
-def training_loss(model, config, x, y, objective="tidar", alpha=1.0, flex=False, rollouts=None, mix=0.0):
+def training_loss(model, config, x, y, objective="tidar", alpha=1.0, flex=False):
     """
     One batch's loss for either objective, as train.py and experiments/bench.py use it: (loss, ar_loss,
-    diff_loss). 'tidar': the doubled sequence (rollouts, mix: as in tidar_loss). 'ar': the plain AR baseline,
-    the same model on the clean half alone (diff_loss None). model may be wrapped (compiled, DDP); config is
-    the plain model's.
+    diff_loss). 'tidar': the doubled sequence. 'ar': the plain AR baseline, the same model on the clean half
+    alone (diff_loss None). model may be wrapped (compiled, DDP); config is the plain model's.
     """
     if objective == "ar":
         logits = model(*ar_inputs(x, flex))  # (N, S, V)
         ar = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         return ar, ar, None
     logits = model(*tidar_inputs(x, config.block_len, config.mask_id, flex))  # (N, 2S, V)
-    return tidar_loss(logits, x, y, alpha, rollouts, mix)
-
-
-def rollout_allowed(i, j, S, B, r):
-    """
-    Round r = 1 .. B-1 of rollout_labels: query i is the newest token of block i+1's branch (block 0 has no
-    prefix, so no branch). Keys: the S clean tokens, then one token per branch for each round so far. A
-    branch sees the clean tokens before its block and its own tokens: what plain AR decoding of the prefix
-    sees.
-    """
-    n = S // B - 1  # branches
-    jb = j - S  # the key's index among the branches' tokens (negative: a clean token)
-    return (j < (i + 1) * B) | ((jb >= 0) & (jb % n == i) & (jb < r * n))
-
-
-@torch.no_grad()  # labels, not a path for gradients: and no graph is kept for the B forwards
-def rollout_labels(model, config, x):
-    """
-    Beyond the paper: targets for the masks that are what greedy decoding will check them against.
-    x (N, S) -> (N, S): block b's labels are the B tokens that greedy AR decoding with the current weights
-    writes after x_{<bB}; block 0, which has no prefix, keeps the data x_0 .. x_{B-1}. A greedy draft at
-    offset j is accepted exactly when it is token j of that continuation (README, "Decoding: one forward per
-    step"); the data token there is one noisy sample of it, conditioned on nothing the model says.
-    All blocks at once: a causal forward of x into a cache, then B - 1 forwards that each give every
-    block's branch its next greedy token (S/B - 1 query tokens per row). model: the plain module.
-    """
-    (N, S), B = x.shape, config.block_len
-    n = S // B - 1  # blocks with a prefix
-    if n == 0:
-        return x
-    cache = KVCache(config, N, S + (B - 1) * n, x.device, next(model.parameters()).dtype)
-    logits = model(x, torch.arange(S, device=x.device), causal_mask(S, n_keys=cache.max_len, device=x.device),
-                   cache)  # (N, S, V)
-    cache.length += S
-    starts = B * torch.arange(1, n + 1, device=x.device)  # (n,): where blocks 1 .. n start
-    tokens = [logits[:, starts - 1].argmax(-1)]  # (N, n): token 0 of every branch
-    for r in range(1, B):
-        mask = _mask(rollout_allowed, n, cache.max_len, x.device, S=S, B=B, r=r)  # (n, max_len)
-        logits = model(tokens[-1], starts + r - 1, mask, cache)  # (N, n, V)
-        cache.length += n
-        tokens.append(logits.argmax(-1))
-    return torch.cat([x[:, :B], torch.stack(tokens, -1).flatten(1)], 1)  # (N, S): block 1's B, block 2's ...
+    return tidar_loss(logits, x, y, alpha)
 
 
 @torch.no_grad()

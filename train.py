@@ -34,7 +34,6 @@ data_dir = "data/pycode"  # from data/prepare.py; a missing folder named pycode 
 objective = "tidar"  # 'tidar' (doubled sequence, AR + diffusion loss) | 'ar' (plain AR baseline, same data)
 ar_iters = 4000  # 0 .. max_iters - 1: the first steps train plain AR, then TiDAR from them (0: from scratch)
 alpha = 1.0  # >= 0: loss = (alpha * AR + diffusion) / (1 + alpha), README "Training: the doubled sequence"
-rollout = 0.0  # 0 .. 1, beyond the paper: the weight of the model's own greedy rollouts as the masks' target
 seq_len = 1024  # S >= 1, clean tokens per sequence; the model sees the doubled sequence of 2S
 block_len = 16  # B >= 1, the mask block length, a divisor of S; the default draft length in sample.py
 n_layer = 8  # >= 1
@@ -80,7 +79,7 @@ guards.check_values(globals())  # a bad value stops here, with one line naming i
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tidar import GPT, GPTConfig, evaluate_batch, pick_device, rollout_labels, training_loss  # noqa: E402
+from tidar import GPT, GPTConfig, evaluate_batch, pick_device, training_loss  # noqa: E402
 
 try:
     device_type = pick_device(device)  # 'cuda' | 'mps' | 'cpu'
@@ -291,8 +290,7 @@ try:
             if ddp:  # average gradients across processes only once, on the last micro-step
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
-                own = rollout_labels(raw_model, model_config, x) if stage == "tidar" and rollout else None
-                loss, ar, diff = training_loss(model, model_config, x, y, stage, alpha, flex, own, rollout)
+                loss, ar, diff = training_loss(model, model_config, x, y, stage, alpha, flex)
             # fetch the next micro-batch while the device works on this one
             x, y = get_batch("train", rank, iter_num * grad_accum + micro_step + 1)
             (loss / grad_accum).backward()

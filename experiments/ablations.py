@@ -12,7 +12,7 @@ can run, each table printed beside the paper's numbers. Greedy, batch 1, held-ou
      diffusion's drafts and for the argmax of the AR model's own marginal at that offset (what the diffusion
      loss trains toward, as the AR model estimates it), and the tokens per forward each would give
   6. the masks' target in training, beyond the paper: the data's tokens, or the model's own greedy rollouts
-     (train.py --rollout), compared from the same AR start at equal time, greedy and sampled
+     (experiments/rollouts.py), compared from the same AR start at equal time, greedy and sampled
 
     python experiments/ablations.py --out_dir=out --block_dirs=out-b4,out,out-b16 --drafter_dir=out-drafter
     python experiments/ablations.py --tables=4 --recipe_dirs=out-scratch,out,out-a03 --ar_dir=out-ar
@@ -49,7 +49,7 @@ parser.add_argument("--drafter_dir", default="", help="a small AR checkpoint (--
 parser.add_argument("--recipe_dirs", default="", help="comma-separated TiDAR checkpoints made different ways "
                     "(table 4): from scratch, from an AR model (train.py --init_from), other settings")
 parser.add_argument("--target_dirs", default="", help="comma-separated TiDAR checkpoints trained toward "
-                    "other targets from the same start (table 6): train.py --init_from=resume --rollout=...")
+                    "other targets from the same start (table 6): experiments/rollouts.py --rollout=...")
 parser.add_argument("--temperature", type=float, default=0.8, help="table 6's sampled decoding")
 parser.add_argument("--ar_dir", default="", help="the AR baseline whose val AR loss table 4 prints beside")
 parser.add_argument("--prompts", default="val", help="'val' (the val split of --data_dir), a text file, or a "
@@ -392,9 +392,10 @@ def table_target(model, k, prompts, max_new_tokens):
 def table_targets(target_dirs, models, draft_lens, prompts, max_new_tokens, data_dir, n_windows, temperature,
                   device):
     k = max(draft_lens)
-    print(f"\n6. the masks' target (train.py --rollout: the data's tokens, the model's own greedy rollouts, "
-          f"or a mix): val AR loss on {n_windows} val windows; tokens per forward and speed against AR (the "
-          f"same model, decoded the same way) on the prompts, greedy and sampled at T = {temperature}")
+    print(f"\n6. the masks' target (rollouts.py --rollout: the data's tokens, the model's own greedy "
+          f"rollouts, or a mix): val AR loss on {n_windows} val windows; tokens per forward and speed "
+          f"against AR (the same model, decoded the same way) on the prompts, greedy and sampled at "
+          f"T = {temperature}")
     print(f"{'checkpoint':>16} {'steps':>22} {'rollout':>7} {'val AR':>7} {'T':>4}"
           + "".join(f" {'k=' + str(k):>12}" for k in draft_lens))
     agree = {}

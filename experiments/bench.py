@@ -9,7 +9,7 @@ Measures what RESULTS.md reports, in one run on one device:
      tokens, with a KV cache of up to 256 tokens; where k + k*k falls
      (2 and 3 on CUDA replay every step from CUDA graphs: AR and TiDAR each at its fastest)
   4. training: ms/iter of the TiDAR objective against the AR objective, same context and batch, and of
-     TiDAR with greedy-rollout targets (train.py --rollout) in TiDAR steps
+     TiDAR with greedy-rollout targets (experiments/rollouts.py) in TiDAR steps
 
     python experiments/bench.py                   # the checkpoint in out/; prompts: data/pycode's val split
     python experiments/bench.py --prompts=FOLDER  # prompts from the .py files under FOLDER: Python never seen
@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from data.prepare import DATA_DIR  # noqa: E402
 from guards import load_model  # noqa: E402
 from sample import cuda_graph, generate_ar, generate_tidar  # noqa: E402
-from tidar import KVCache, causal_mask, pick_device, rollout_labels, training_loss  # noqa: E402
+from rollouts import training_loss  # noqa: E402
+from tidar import KVCache, causal_mask, pick_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 parser.add_argument("--out_dir", default="out", help="folder with ckpt.pt")
@@ -184,11 +185,10 @@ def bench_training(model, batch, repeats, device):
     x, y = data[:, :-1], data[:, 1:]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
 
-    def step(objective):  # 'ar', 'tidar', or 'rollout': TiDAR toward its own greedy rollouts (--rollout=1)
+    def step(objective):  # 'ar', 'tidar', or 'rollout': TiDAR toward its own greedy rollouts (rollouts.py)
         with autocast:
-            own = rollout_labels(model, config, x) if objective == "rollout" else None
             loss = training_loss(forward, config, x, y, objective.replace("rollout", "tidar"), flex=compiled,
-                                 rollouts=own, mix=float(own is not None))[0]
+                                 rollout=float(objective == "rollout"))[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -198,7 +198,7 @@ def bench_training(model, batch, repeats, device):
         step(objective)  # warm-up (and compilation)
     ms = {obj: median_ms(lambda: step(obj), device, repeats) for obj in objectives}
     print(f"AR {ms['ar']:.1f} ms/iter, TiDAR {ms['tidar']:.1f} ms/iter (doubled sequence): "
-          f"{ms['tidar'] / ms['ar']:.2f}x; TiDAR with the rollouts as targets (train.py --rollout) "
+          f"{ms['tidar'] / ms['ar']:.2f}x; TiDAR toward its greedy rollouts (rollouts.py --rollout=1) "
           f"{ms['rollout']:.1f} ms/iter, {ms['rollout'] / ms['tidar']:.2f} TiDAR steps")
 
 

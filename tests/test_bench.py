@@ -14,12 +14,13 @@ from dataclasses import replace
 
 from conftest import BYTE_MODEL, ROOT, Drafts, random_prompt, run_script, scale_weights, write_checkpoint
 from sample import generate_ar, generate_tidar
-from tidar import GPT, causal_mask, prefill_mask
+from tidar import GPT, causal_mask, prefill_mask, tidar_inputs, training_loss
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 sys.path.insert(0, EXPERIMENTS)  # as a script there finds its neighbours: ablations.py imports bench.py
 import ablations  # noqa: E402
 import bench  # noqa: E402
+import rollouts  # noqa: E402
 
 SMALL = ["--device", "cpu", "--draft_lens", "2,4", "--num_prompts", "2", "--batches", "1,3",
          "--prompt_len", "8", "--max_new_tokens", "16", "--cache_len", "16", "--max_queries", "128",
@@ -109,8 +110,14 @@ def test_ablations_run_on_cpu(tmp_path):
     for name, config in [("main", BYTE_MODEL), ("b2", replace(BYTE_MODEL, block_len=2)),
                          ("drafter", replace(BYTE_MODEL, n_embd=8, n_head=1))]:
         write_checkpoint(tmp_path / name, config)
+    for mix in (0.0, 1.0):  # table 6 reads how each was trained, as train.py and rollouts.py record it
+        write_checkpoint(tmp_path / f"mix{mix}")
+        ckpt = torch.load(tmp_path / f"mix{mix}" / "ckpt.pt", weights_only=True)
+        ckpt.update(iter_num=30, train_config=dict(objective="tidar", ar_iters=20, rollout=mix))
+        torch.save(ckpt, tmp_path / f"mix{mix}" / "ckpt.pt")
     write_dataset(tmp_path)
     args = ["--out_dir", str(tmp_path / "main"), "--block_dirs", f"{tmp_path / 'b2'},{tmp_path / 'main'}",
+            "--target_dirs", f"{tmp_path / 'mix0.0'},{tmp_path / 'mix1.0'}", "--val_windows", "2",
             "--drafter_dir", str(tmp_path / "drafter"), "--data_dir", str(tmp_path), "--device", "cpu",
             "--draft_lens", "2,4", "--speculative_lens", "1,3", "--num_prompts", "1", "--prompt_len", "8",
             "--max_new_tokens", "8"]
@@ -131,6 +138,14 @@ def test_ablations_run_on_cpu(tmp_path):
     assert any(line.lstrip().startswith("AR marginals ") for line in lines)
     # table 5 counts as decoding does
     assert f"generate_tidar itself: {diffusion} tokens per forward" in run.stdout
+    # table 6: each checkpoint greedy and sampled, greedy outputs equal to AR's, the agreement by offset
+    rows = [line.split() for line in lines if line.split()[:1] in (["mix0.0"], ["mix1.0"])]
+    assert [(r[0], r[3], r[5], r[6]) for r in rows] == [  # name, 'AR 20 + TiDAR 10', rollout
+        (name, "+", "10", mix) for name, mix in [("mix0.0", "0"), ("mix1.0", "1")] for _ in (0, 1)]
+    assert [r[8] for r in rows] == ["0", "0.8"] * 2 and all(len(r) == 13 for r in rows)  # T, then 2 per k
+    assert not any(cell.endswith("!") for r in rows for cell in r)
+    assert [line.split(",")[-1].split()[:1] for line in lines if "drafts that are the greedy token" in line] \
+        == [["mix0.0:"], ["mix1.0:"]]
     print(run.stdout)
 
 
@@ -218,6 +233,81 @@ def summary_rows(out):
     lines = (out / "summary.md").read_text().splitlines()
     return {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in lines if line.startswith("| ") and
             not line.startswith(("| phase", "| (a)", "| c, d"))}
+
+
+# --- rollouts.py: the masks trained toward the model's own greedy rollouts (beyond the paper)
+
+
+def greedy_ar(model, prefix, n):
+    """Plain greedy AR decoding, the slow way: a whole causal forward for every token."""
+    seq = list(prefix)
+    for _ in range(n):
+        T = len(seq)
+        logits = model(torch.tensor([seq]), torch.arange(T), causal_mask(T))
+        seq.append(logits[0, -1].argmax().item())
+    return seq[len(prefix) :]
+
+
+@pytest.mark.parametrize("B", [1, 4, 16])
+def test_rollout_labels_are_greedy_ar_decoding_of_each_blocks_prefix(tiny, B):
+    config = replace(tiny.config, block_len=B)
+    with torch.no_grad():  # sharper weights than an initialisation's: a key seen or not changes the argmax
+        for p in tiny.parameters():
+            p.mul_(8)
+    x = torch.randint(0, 10, (6, 16))
+    labels = rollouts.rollout_labels(tiny, config, x)
+    assert labels.shape == x.shape and torch.equal(labels[:, :B], x[:, :B])  # block 0 has no prefix: data
+    for row in range(6):
+        for b in range(1, 16 // B):
+            assert labels[row, b * B : (b + 1) * B].tolist() == greedy_ar(tiny, x[row, : b * B].tolist(), B)
+
+
+def paper_terms(model, x, y, labels):
+    """The AR term and the diffusion term against labels, written out from the README's loss."""
+    S, V = x.size(1), model.config.vocab_size
+    logits = model(*tidar_inputs(x, model.config.block_len, model.config.mask_id))
+    ar = torch.nn.functional.cross_entropy(logits[:, :S].reshape(-1, V), y.reshape(-1))
+    return ar, torch.nn.functional.cross_entropy(logits[:, S:].reshape(-1, V), labels.reshape(-1))
+
+
+def test_rollout_labels_build_no_graph(tiny):
+    """The rollouts are labels, computed without gradient: no forward inside them records a graph, even when
+    the caller's is enabled, and the loss's gradient is the one with them given as plain data."""
+    x = torch.randint(0, 10, (2, 17))
+    x, y = x[:, :-1], x[:, 1:]
+    seen = []
+    hook = tiny.register_forward_hook(lambda m, args, out: seen.append(out.requires_grad))
+    with torch.enable_grad():
+        labels = rollouts.rollout_labels(tiny, tiny.config, x)
+    hook.remove()
+    assert seen and not any(seen) and not labels.requires_grad
+
+    def grads(loss):
+        tiny.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in tiny.parameters()]
+
+    given = torch.tensor(labels.tolist())  # plain data
+    ar, own = paper_terms(tiny, x, y, given)
+    expected = grads((ar + own) / 2)
+    for a, b in zip(grads(rollouts.training_loss(tiny, tiny.config, x, y, rollout=1.0)[0]), expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_rollout_off_is_the_papers_loss_bit_for_bit(tiny):
+    x = torch.randint(0, 10, (2, 17))
+    x, y = x[:, :-1], x[:, 1:]
+    ar, diff = paper_terms(tiny, x, y, x)
+    assert all(torch.equal(a, b) for a, b in zip(
+        rollouts.training_loss(tiny, tiny.config, x, y, alpha=0.3, rollout=0.0),
+        ((0.3 * ar + diff) / 1.3, ar, diff)))
+    # rollout > 0: the diffusion term leans toward the rollouts by that weight
+    _, own = paper_terms(tiny, x, y, rollouts.rollout_labels(tiny, tiny.config, x))
+    assert not torch.isclose(own, diff)
+    for mix in (0.5, 1.0):
+        loss, _, d = rollouts.training_loss(tiny, tiny.config, x, y, alpha=0.3, rollout=mix)
+        torch.testing.assert_close(d, (1 - mix) * diff + mix * own, rtol=1e-12, atol=0)
+        torch.testing.assert_close(loss, (0.3 * ar + d) / 1.3, rtol=1e-12, atol=0)
 
 
 def test_reproduce_smoke_runs_every_phase(tmp_path):

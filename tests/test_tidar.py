@@ -25,7 +25,6 @@ from tidar import (
     decode_step_positions,
     place_step_mask,
     prefill_mask,
-    rollout_labels,
     tidar_inputs,
     tidar_loss,
     tidar_training_mask,
@@ -221,75 +220,6 @@ def test_gradients_reach_both_halves(tiny):
     assert logits.grad[:, :16].abs().sum() > 0 and logits.grad[:, 16:].abs().sum() > 0
     assert tiny.wte.weight.grad[tiny.config.mask_id].abs().sum() > 0  # the [MASK] embedding learns
     assert loss.item() == pytest.approx((ar.item() + diff.item()) / 2)
-
-
-# --- beyond the paper: the masks trained toward the model's own greedy rollouts (train.py --rollout)
-
-
-def greedy_ar(model, prefix, n):
-    """Plain greedy AR decoding, the slow way: a whole causal forward for every token."""
-    seq = list(prefix)
-    for _ in range(n):
-        T = len(seq)
-        logits = model(torch.tensor([seq]), torch.arange(T), causal_mask(T))
-        seq.append(logits[0, -1].argmax().item())
-    return seq[len(prefix) :]
-
-
-@pytest.mark.parametrize("B", [1, 4, 16])
-def test_rollout_labels_are_greedy_ar_decoding_of_each_blocks_prefix(tiny, B):
-    config = replace(tiny.config, block_len=B)
-    with torch.no_grad():  # sharper weights than an initialisation's: a key seen or not changes the argmax
-        for p in tiny.parameters():
-            p.mul_(8)
-    x = torch.randint(0, 10, (6, 16))
-    labels = rollout_labels(tiny, config, x)
-    assert labels.shape == x.shape and torch.equal(labels[:, :B], x[:, :B])  # block 0 has no prefix: data
-    for row in range(6):
-        for b in range(1, 16 // B):
-            assert labels[row, b * B : (b + 1) * B].tolist() == greedy_ar(tiny, x[row, : b * B].tolist(), B)
-
-
-def test_rollout_labels_build_no_graph(tiny):
-    """The rollouts are labels, computed without gradient: no forward inside them records a graph, even when
-    the caller's is enabled, and so the loss's gradient is the same with them given as plain data."""
-    x = torch.randint(0, 10, (2, 17))
-    seen = []
-    hook = tiny.register_forward_hook(lambda m, args, out: seen.append(out.requires_grad))
-    with torch.enable_grad():
-        labels = rollout_labels(tiny, tiny.config, x)
-    hook.remove()
-    assert seen and not any(seen) and not labels.requires_grad
-
-    def grads(rollouts):
-        tiny.zero_grad()
-        training_loss(tiny, tiny.config, x[:, :-1], x[:, 1:], rollouts=rollouts, mix=1.0)[0].backward()
-        return [p.grad.clone() for p in tiny.parameters()]
-
-    given = rollout_labels(tiny, tiny.config, x[:, :-1]).tolist()  # plain data, built before the forward
-    assert all(torch.equal(a, b) for a, b in zip(grads(rollout_labels(tiny, tiny.config, x[:, :-1])),
-                                                 grads(torch.tensor(given))))
-
-
-def test_rollout_off_is_the_papers_loss_bit_for_bit(tiny):
-    x = torch.randint(0, 10, (2, 17))
-    x, y = x[:, :-1], x[:, 1:]
-    S, V = 16, tiny.config.vocab_size
-    logits = tiny(*tidar_inputs(x, tiny.config.block_len, tiny.config.mask_id))
-    ar = torch.nn.functional.cross_entropy(logits[:, :S].reshape(-1, V), y.reshape(-1))
-    diff = torch.nn.functional.cross_entropy(logits[:, S:].reshape(-1, V), x.reshape(-1))
-    paper = (0.3 * ar + diff) / 1.3
-    rollouts = rollout_labels(tiny, tiny.config, x)
-    for given in (None, rollouts):  # mix = 0: whatever rollouts are given, they are not used
-        loss, a, d = training_loss(tiny, tiny.config, x, y, alpha=0.3, rollouts=given, mix=0.0)
-        assert torch.equal(loss, paper) and torch.equal(a, ar) and torch.equal(d, diff)
-    # mix > 0: the diffusion term leans toward the rollouts by that weight
-    own = torch.nn.functional.cross_entropy(logits[:, S:].reshape(-1, V), rollouts.reshape(-1))
-    assert not torch.isclose(own, diff)
-    for mix in (0.5, 1.0):
-        loss, _, d = training_loss(tiny, tiny.config, x, y, alpha=0.3, rollouts=rollouts, mix=mix)
-        torch.testing.assert_close(d, (1 - mix) * diff + mix * own, rtol=1e-12, atol=0)
-        torch.testing.assert_close(loss, (0.3 * ar + d) / 1.3, rtol=1e-12, atol=0)
 
 
 # --- the mask is really used

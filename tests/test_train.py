@@ -290,22 +290,27 @@ def test_resume_continues_the_iteration_count(trained, tmp_path):
     assert ckpt["optimizer"]["state"][0]["step"] == 60  # AdamW's bias correction continues too
 
 
-def test_rollout_targets_change_the_diffusion_term_only_when_asked(trained, tmp_path):
-    """--rollout=1 (beyond the paper): the same resumed steps train the masks toward the model's own greedy
-    rollouts, so the diffusion term differs from the data target's from the first step; the checkpoint
-    records the setting. --rollout=0, the default, is the paper's (tests/test_tidar.py: bit for bit)."""
+def test_rollouts_py_is_train_py_with_the_masks_toward_greedy_rollouts(trained, tmp_path):
+    """experiments/rollouts.py (beyond the paper) resumes train.py's run: --rollout=0 is train.py bit for
+    bit; --rollout=1 changes the diffusion term from the first step and not the AR term; the checkpoint
+    keeps the setting. A value out of [0, 1] is one line, before anything starts."""
     _, out_dir, _ = trained
     runs = {}
-    for mix in ("0", "1"):
-        shutil.copytree(out_dir, tmp_path / mix)
-        runs[mix] = start_script("train.py", f"--out_dir={tmp_path / mix}", "--init_from=resume",
-                                 "--max_iters=50", "--log_interval=1", f"--rollout={mix}")
-    logs = {mix: r.wait() for mix, r in runs.items()}
+    for name, script, args in [("train.py", "train.py", []), ("0", "experiments/rollouts.py", ["--rollout=0"]),
+                               ("1", "experiments/rollouts.py", ["--rollout=1"])]:
+        shutil.copytree(out_dir, tmp_path / name)
+        runs[name] = start_script(script, f"--out_dir={tmp_path / name}", "--init_from=resume",
+                                  "--max_iters=50", "--log_interval=1", *args)
+    logs = {name: r.wait() for name, r in runs.items()}
     assert all(r.returncode == 0 for r in logs.values()), logs["1"].stderr
-    first = {mix: re.search(r"iter 41: loss [\d.]+ \(ar ([\d.]+), diff ([\d.]+)\)", r.stdout).groups()
-             for mix, r in logs.items()}
-    assert first["0"][0] == first["1"][0] and first["0"][1] != first["1"][1]  # the same AR term, at first
+    first = {name: re.search(r"iter 41: loss [\d.]+ \(ar ([\d.]+), diff ([\d.]+)\)", r.stdout).groups()
+             for name, r in logs.items()}
+    assert first["0"] == first["train.py"] and evals(logs["0"].stdout) == evals(logs["train.py"].stdout)
+    assert first["1"][0] == first["0"][0] and first["1"][1] != first["0"][1]
     assert torch.load(tmp_path / "1" / "ckpt.pt", weights_only=True)["train_config"]["rollout"] == 1.0
+    bad = run_script("experiments/rollouts.py", f"--out_dir={tmp_path / 'new'}", "--rollout=2")
+    assert bad.returncode == 2 and bad.stderr == "rollouts.py: error: --rollout=2.0: must be in [0, 1]\n"
+    assert not os.path.exists(tmp_path / "new")
 
 
 def test_ar_baseline_trains_on_the_same_data(trained, tmp_path):
@@ -581,7 +586,6 @@ BAD_INPUTS = [  # (case, settings, message, exit status)
     ("--warmup_iters=-10", ["--warmup_iters=-10"], "--warmup_iters=-10: must be >= 0", 2),
     ("min_lr above lr", ["--min_lr=0.1"], "--min_lr=0.1 is above --lr=0.003", 2),
     ("beta2=1", ["--beta2=1.0"], "--beta2=1.0: must be in [0, 1)", 2),
-    ("rollout=2", ["--rollout=2"], "--rollout=2.0: must be in [0, 1]", 2),
     ("unknown setting", ["--n_layers=2"], "unknown setting '--n_layers=2' (did you mean --n_layer?)", 2),
     ("value after a space", ["--out_dir", "out"], "--out_dir needs its value after '=', as in --out_dir=", 2),
     ("wrong type", ["--batch_size=2.5"], "--batch_size=2.5: expected int", 2),
