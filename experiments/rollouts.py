@@ -1,6 +1,7 @@
 """
-Beyond the paper, a measured ablation (RESULTS.md, "The masks' target in training: greedy rollouts"):
-train.py as it is, with the masks trained toward the model's own greedy rollouts instead of the data.
+train.py as it is, with the masks trained toward the model's own greedy rollouts instead of the data: an
+ablation beyond the paper (RESULTS.md, "Beyond the paper: the masks trained toward the model's own greedy
+text").
 
     python experiments/rollouts.py --init_from=resume --out_dir=out-rollout --rollout=1  # or any setting
 
@@ -8,8 +9,9 @@ train.py as it is, with the masks trained toward the model's own greedy rollouts
 term: (1 - rollout) * CE(data) + rollout * CE(rollouts). Why try it: a greedy draft at offset j of its block
 is accepted exactly when it is token j of the greedy continuation of the block's prefix (README, "Decoding:
 one forward per step"), while the data token there is one noisy sample, conditioned on nothing the model
-says. What it gave on the quick start's model (RESULTS.md): far better greedy drafts, and a worse AR model
-than the paper's target gives in the same time; so train.py keeps the paper's target.
+says. What it gave on the quick start's model: far better greedy drafts (2.56 tokens per forward on unseen
+Python against 1.64), and a worse AR model than the paper's target gives in the same time (val loss 1.533
+against 1.478); so train.py keeps the paper's target.
 """
 import os
 import sys

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from conftest import BYTE_MODEL, ROOT, Drafts, random_prompt, run_script, scale_weights, write_checkpoint
 from sample import generate_ar, generate_tidar
-from tidar import GPT, causal_mask, prefill_mask, tidar_inputs, training_loss
+from tidar import GPT, causal_mask, prefill_mask, tidar_inputs
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 sys.path.insert(0, EXPERIMENTS)  # as a script there finds its neighbours: ablations.py imports bench.py

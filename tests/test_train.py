@@ -296,8 +296,9 @@ def test_rollouts_py_is_train_py_with_the_masks_toward_greedy_rollouts(trained, 
     keeps the setting. A value out of [0, 1] is one line, before anything starts."""
     _, out_dir, _ = trained
     runs = {}
-    for name, script, args in [("train.py", "train.py", []), ("0", "experiments/rollouts.py", ["--rollout=0"]),
-                               ("1", "experiments/rollouts.py", ["--rollout=1"])]:
+    rollouts = "experiments/rollouts.py"
+    for name, script, args in [("train.py", "train.py", []), ("0", rollouts, ["--rollout=0"]),
+                               ("1", rollouts, ["--rollout=1"])]:
         shutil.copytree(out_dir, tmp_path / name)
         runs[name] = start_script(script, f"--out_dir={tmp_path / name}", "--init_from=resume",
                                   "--max_iters=50", "--log_interval=1", *args)
@@ -308,7 +309,7 @@ def test_rollouts_py_is_train_py_with_the_masks_toward_greedy_rollouts(trained, 
     assert first["0"] == first["train.py"] and evals(logs["0"].stdout) == evals(logs["train.py"].stdout)
     assert first["1"][0] == first["0"][0] and first["1"][1] != first["0"][1]
     assert torch.load(tmp_path / "1" / "ckpt.pt", weights_only=True)["train_config"]["rollout"] == 1.0
-    bad = run_script("experiments/rollouts.py", f"--out_dir={tmp_path / 'new'}", "--rollout=2")
+    bad = run_script(rollouts, f"--out_dir={tmp_path / 'new'}", "--rollout=2")
     assert bad.returncode == 2 and bad.stderr == "rollouts.py: error: --rollout=2.0: must be in [0, 1]\n"
     assert not os.path.exists(tmp_path / "new")
 
