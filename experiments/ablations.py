@@ -376,7 +376,7 @@ def table_target(model, k, prompts, max_new_tokens):
         ideal, h = marginal_drafts(model, seq, starts, k)
         held.append(h)
         tokens += len(seq) - len(p)
-        positions += [len(seq) - len(p) - j for j in range(1, k)]  # offset j has a token to match at these
+        positions += [max(0, len(seq) - len(p) - j) for j in range(1, k)]  # blocks with a token at offset j
         for name, drafts in (("diffusion", diffusion_drafts(model, seq, starts, k)), ("AR marginals", ideal)):
             agree[name] = agree.get(name, 0) + agreement(seq, len(p), drafts, k)
             forwards[name] = forwards.get(name, 0) + forwards_needed(seq, len(p), drafts, k)
@@ -391,7 +391,7 @@ def table_target(model, k, prompts, max_new_tokens):
 
 def table_targets(target_dirs, models, draft_lens, prompts, max_new_tokens, data_dir, n_windows, temperature,
                   device):
-    k = max(draft_lens)
+    longest = max(draft_lens)  # the agreement's offsets: 1 .. longest - 1
     print(f"\n6. the masks' target (rollouts.py --rollout: the data's tokens, the model's own greedy "
           f"rollouts, or a mix): val AR loss on {n_windows} val windows; tokens per forward and speed "
           f"against AR (the same model, decoded the same way) on the prompts, greedy and sampled at "
@@ -410,23 +410,23 @@ def table_targets(target_dirs, models, draft_lens, prompts, max_new_tokens, data
             if not temp:
                 greedy = ar_out
             cells = ""
-            for j in draft_lens:
-                decode = lambda p: generate_tidar(model, p, max_new_tokens, j, temp, generator=seeded())
-                n_j, f_j, s_j, outs, _ = measure(decode, prompts, device)
+            for k in draft_lens:
+                decode = lambda p: generate_tidar(model, p, max_new_tokens, k, temp, generator=seeded())
+                n_k, f_k, s_k, outs, _ = measure(decode, prompts, device)
                 lossless = temp or outs == ar_out
-                cells += f" {n_j / f_j:5.2f} {(n_j / s_j) / (n / s):5.2f}x" + ("" if lossless else "!")
+                cells += f" {n_k / f_k:5.2f} {(n_k / s_k) / (n / s):5.2f}x" + ("" if lossless else "!")
             print(f"{name:>16} {steps:>22} {config.get('rollout', 0.0):7.2g} {ar:7.3f} {temp:4.2g}{cells}")
         hits = positions = 0  # table 5's agreement, on the greedy texts
         for p, out in zip(prompts, greedy):
-            seq = p + out
-            hits = hits + agreement(seq, len(p), diffusion_drafts(model, seq, range(len(p), len(seq)), k), k)
-            positions = positions + np.array([len(out) - j for j in range(1, k)])
+            seq, starts = p + out, range(len(p), len(p) + len(out))
+            drafts = diffusion_drafts(model, seq, starts, longest)
+            hits = hits + agreement(seq, len(p), drafts, longest)
+            positions = positions + np.array([max(0, len(out) - j) for j in range(1, longest)])
         agree[name] = " ".join(f"{h:.0%}" for h in hits / positions)
     print("(per k: tokens per forward, then tokens/s against AR; '!' marks greedy outputs that differ from "
           "AR's)")
     for name, a in agree.items():
-        print(f"drafts that are the greedy token, by offset 1 .. {k - 1}, {name}: {a}")
-
+        print(f"drafts that are the greedy token, by offset 1 .. {longest - 1}, {name}: {a}")
 
 
 def main(args):

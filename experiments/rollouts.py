@@ -10,8 +10,9 @@ term: (1 - rollout) * CE(data) + rollout * CE(rollouts). Why try it: a greedy dr
 is accepted exactly when it is token j of the greedy continuation of the block's prefix (README, "Decoding:
 one forward per step"), while the data token there is one noisy sample, conditioned on nothing the model
 says. What it gave on the quick start's model: far better greedy drafts (2.56 tokens per forward on unseen
-Python against 1.64), and a worse AR model than the paper's target gives in the same time (val loss 1.533
-against 1.478); so train.py keeps the paper's target.
+Python against 1.64, at k = 8), and a worse AR model than the paper's target gives in the same time (val
+loss 1.533 against 1.478); so train.py keeps the paper's target. `train.py --init_from=resume` on a run made
+here goes on with the paper's loss: the setting is only read here.
 """
 import os
 import sys
@@ -32,14 +33,19 @@ papers_training_loss = tidar.training_loss
 
 def rollout_allowed(i, j, S, B, r):
     """
-    Round r = 1 .. B-1 of rollout_labels, as a pattern (tidar.py's section 2): query i is the newest token of
-    block i+1's branch (block 0 has no prefix, so no branch). Keys: the S clean tokens, then one token per
-    branch for each round so far. A branch sees the clean tokens before its block and its own tokens: what
-    plain AR decoding of that prefix sees.
+    Round r = 1 .. B-1 of rollout_labels, as a pattern (tidar.py's section 2). Query i is the newest token of
+    block i+1's branch (block 0 has no prefix, so no branch). The cache holds the S clean tokens, then one
+    token per branch and round: entry S + r'*m + i is branch i's token r' (m branches). A branch sees the
+    clean tokens before its block and its own tokens: what plain AR decoding of that prefix sees. For S = 6,
+    B = 2, round 2 (x clean; b1, b2 the branches of blocks 1 and 2, labelled by position; rows are queries):
+                x0 x1 x2 x3 x4 x5 | b1 b2 | b1 b2
+                                  |  2  4 |  3  5
+        b1 3     #  #  .  .  .  . |  #  . |  #  .      block 1's branch: x_0 x_1, then its own tokens
+        b2 5     #  #  #  #  .  . |  .  # |  .  #
     """
-    n = S // B - 1  # branches
+    m = S // B - 1  # branches
     jb = j - S  # the key's index among the branches' tokens (negative: a clean token)
-    return (j < (i + 1) * B) | ((jb >= 0) & (jb % n == i) & (jb < r * n))
+    return (j < (i + 1) * B) | ((jb >= 0) & (jb % m == i) & (jb < r * m))
 
 
 @torch.no_grad()  # labels, not a path for gradients: and no graph is kept for the B forwards
@@ -51,21 +57,22 @@ def rollout_labels(model, config, x):
     branch its next greedy token (S/B - 1 query tokens per row). model: the plain module.
     """
     (N, S), B = x.shape, config.block_len
-    n = S // B - 1  # blocks with a prefix
-    if n == 0:
+    m = S // B - 1  # blocks with a prefix, so branches
+    if m == 0:
         return x
-    cache = KVCache(config, N, S + (B - 1) * n, x.device, next(model.parameters()).dtype)
+    cache = KVCache(config, N, S + (B - 1) * m, x.device, next(model.parameters()).dtype)
     logits = model(x, torch.arange(S, device=x.device), causal_mask(S, n_keys=cache.max_len, device=x.device),
                    cache)  # (N, S, V)
     cache.length += S
-    starts = B * torch.arange(1, n + 1, device=x.device)  # (n,): where blocks 1 .. n start
-    tokens = [logits[:, starts - 1].argmax(-1)]  # (N, n): token 0 of every branch
+    starts = B * torch.arange(1, m + 1, device=x.device)  # (m,): where blocks 1 .. m start
+    tokens = [logits[:, starts - 1].argmax(-1)]  # (N, m): token 0 of every branch
     for r in range(1, B):
-        mask = _mask(rollout_allowed, n, cache.max_len, x.device, S=S, B=B, r=r)  # (n, max_len)
-        logits = model(tokens[-1], starts + r - 1, mask, cache)  # (N, n, V)
-        cache.length += n
+        mask = _mask(rollout_allowed, m, cache.max_len, x.device, S=S, B=B, r=r)  # (m, max_len)
+        logits = model(tokens[-1], starts + r - 1, mask, cache)  # (N, m, V)
+        cache.length += m
         tokens.append(logits.argmax(-1))
-    return torch.cat([x[:, :B], torch.stack(tokens, -1).flatten(1)], 1)  # (N, S): block 1's B, block 2's ...
+    # (N, S): block 0's data labels, then block 1's B rollout tokens, block 2's, ...
+    return torch.cat([x[:, :B], torch.stack(tokens, -1).flatten(1)], 1)
 
 
 def training_loss(model, config, x, y, objective="tidar", alpha=1.0, flex=False, rollout=0.0):
@@ -88,6 +95,8 @@ def check_values(s, papers=guards.check_values):
 
 
 if __name__ == "__main__":
+    if "--help" in sys.argv or "-h" in sys.argv:  # what --rollout is; then train.py's settings
+        print(__doc__)
     # train.py takes every number or string among its globals as a setting (--name=value, type-checked, saved
     # in the checkpoint, kept on resume): `rollout` is one more; its range check and training_loss are here
     train = os.path.join(ROOT, "train.py")

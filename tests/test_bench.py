@@ -262,6 +262,29 @@ def test_rollout_labels_are_greedy_ar_decoding_of_each_blocks_prefix(tiny, B):
             assert labels[row, b * B : (b + 1) * B].tolist() == greedy_ar(tiny, x[row, : b * B].tolist(), B)
 
 
+def test_rollout_mask_against_a_slow_loop():
+    """Each round's pattern from its definition: the cache holds S clean tokens, then round by round one token
+    per branch (branch i, of block i+1, at entry S + r'*m + i); a branch sees the clean tokens before its
+    block, and its own tokens up to this round's."""
+    for S, B in [(6, 2), (12, 3), (16, 4), (8, 1)]:
+        m = S // B - 1
+        for r in range(1, B):
+            keys = S + (B - 1) * m + 5  # and some scratch entries past the last round
+            slow = torch.zeros(m, keys, dtype=torch.bool)
+            for i in range(m):
+                slow[i, : (i + 1) * B] = True
+                for rr in range(r):
+                    slow[i, S + rr * m + i] = True
+            fast = rollouts._mask(rollouts.rollout_allowed, m, keys, S=S, B=B, r=r)
+            assert torch.equal(fast, slow), (S, B, r)
+
+
+def test_agreement_counts_drafts_equal_to_the_greedy_text():
+    seq, P = [0, 1, 2, 3, 4], 2  # seq[2:] the greedy text; blocks start at 2, 3, 4; offsets 1 and 2 (k = 3)
+    drafts = {2: [None, 3, 9], 3: [None, 4, 0], 4: [None, 5, 5]}  # 3 = seq[3], right; 4 = seq[4], right
+    assert ablations.agreement(seq, P, drafts, 3).tolist() == [2, 0]  # past the text's end counts nothing
+
+
 def paper_terms(model, x, y, labels):
     """The AR term and the diffusion term against labels, written out from the README's loss."""
     S, V = x.size(1), model.config.vocab_size

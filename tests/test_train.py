@@ -309,6 +309,14 @@ def test_rollouts_py_is_train_py_with_the_masks_toward_greedy_rollouts(trained, 
     assert first["0"] == first["train.py"] and evals(logs["0"].stdout) == evals(logs["train.py"].stdout)
     assert first["1"][0] == first["0"][0] and first["1"][1] != first["0"][1]
     assert torch.load(tmp_path / "1" / "ckpt.pt", weights_only=True)["train_config"]["rollout"] == 1.0
+    # resumed without the flag, the run goes on with its own --rollout=1, as if it were given again
+    shutil.copytree(tmp_path / "1", tmp_path / "1 again")
+    kept = start_script(rollouts, f"--out_dir={tmp_path / '1'}", "--init_from=resume", "--max_iters=55")
+    given = run_script(rollouts, f"--out_dir={tmp_path / '1 again'}", "--init_from=resume", "--max_iters=55",
+                       "--rollout=1")
+    kept = kept.wait()
+    assert kept.returncode == 0 and given.returncode == 0, kept.stderr + given.stderr
+    assert evals(kept.stdout) == evals(given.stdout) and len(evals(kept.stdout)) == 1  # at iter 55
     bad = run_script(rollouts, f"--out_dir={tmp_path / 'new'}", "--rollout=2")
     assert bad.returncode == 2 and bad.stderr == "rollouts.py: error: --rollout=2.0: must be in [0, 1]\n"
     assert not os.path.exists(tmp_path / "new")
